@@ -64,11 +64,15 @@ def config_to_hf(cfg: ModelConfig) -> dict:
       num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
       max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
       hidden_activation=cfg.activation, attention_bias=cfg.qkv_bias,
-      query_pre_attn_scalar=round(cfg.scale ** -2, 6), sliding_window=cfg.sliding_window,
+      query_pre_attn_scalar=_as_int_if_whole(cfg.scale ** -2), sliding_window=cfg.sliding_window,
       layer_types=list(cfg.layer_types) or [FULL] * cfg.num_layers,
       rope_parameters={FULL: cfg.rope_for(FULL).to_hf(), SLIDING: cfg.rope_for(SLIDING).to_hf()},
       final_logit_softcapping=cfg.final_logit_softcapping)
   return out
+
+
+def _as_int_if_whole(x: float):
+  return int(round(x)) if abs(x - round(x)) < 1e-6 else x
 
 
 def _layer_names(i: int) -> dict[str, str]:

@@ -57,8 +57,12 @@ class SafetensorsFile:
     if entry["dtype"] not in _DTYPES:
       raise ModelError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
     begin, end = entry["data_offsets"]
-    raw = self._map[self._data_start + begin:self._data_start + end]
-    return raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    dtype = _DTYPES[entry["dtype"]]
+    shape = tuple(entry["shape"])
+    if (end - begin) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+      raise ModelError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
+    return np.frombuffer(self._map, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)),
+                         offset=self._data_start + begin).reshape(shape)
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
@@ -68,7 +72,7 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
   offset = 0
   arrays = []
   for name in sorted(tensors):
-    a = np.ascontiguousarray(tensors[name])
+    a = np.asarray(tensors[name], order="C")
     if a.dtype not in _NAMES:
       raise ModelError(f"cannot store tensor {name!r} of dtype {a.dtype} in safetensors")
     header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
