@@ -1,4 +1,4 @@
-"""Decoder throughput benchmark: forward and forward+backward tokens/s, FLOP/s and an MFU-style ratio.
+"""Decoder throughput benchmark: forward and fwd+bwd tokens/s, FLOP/s and an MFU-style ratio.
 
 Run from the repository root:
 
@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/models.py` puts bench/ (not the repo root) on sys.path
+if str(ROOT) not in sys.path:  # `python bench/models.py` puts bench/, not the repo root, first
   sys.path.insert(0, str(ROOT))
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "models.json"
@@ -242,25 +242,6 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
   train_step = jax.value_and_grad(loss_fn)
-
-  fpt = flops_per_token(cfg, t)
-  results: dict[str, Any] = {}
-  for name, fn, per_token in (("forward", forward, fpt["forward"]),
-                              ("train", train_step, fpt["train"])):
-    log(f"[{name}] compiling and timing {args.steps} step(s) ...")
-    timing = time_jitted(fn, (params, ids, mask), args.steps, args.warmup)
-    tps = tokens / timing.median_s
-    results[name] = {
-        "compile_s": timing.compile_s,
-        "step_s_median": timing.median_s,
-        "step_s_min": min(timing.step_s),
-        "step_s": timing.step_s,
-        "tokens_per_step": tokens,
-        "tokens_per_s": tps,
-        "flops_per_token": per_token,
-        "flop_per_s": per_token * tps,
-        "xla_flops_per_token": None if timing.xla_flops is None else timing.xla_flops / tokens,
-    }
 
   # The peak matmul is timed before and after the model (the same compiled program) and the best
   # step is taken as the peak, so a noisy or shared host does not make the model look > 100%.

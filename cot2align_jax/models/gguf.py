@@ -97,7 +97,7 @@ def find_gguf(name: str) -> Path:
 
 
 def _assembled_gemma(name: str) -> Path:
-  """Joins the Gemma part files into the cache (temp file + atomic rename; sha256 checked)."""
+  """The Gemma part files joined once into `gguf_cache_dir()` (reused when already there)."""
   try:
     pkg = importlib.import_module(_GEMMA_PACKAGE)
     parts = [Path(p) for p in pkg.chunk_paths()]
@@ -105,8 +105,17 @@ def _assembled_gemma(name: str) -> Path:
     raise _missing(name) from e
   if not all(p.is_file() for p in parts):
     raise _missing(name)
-  target = gguf_cache_dir() / pkg.MODEL_NAME
-  expected_size = sum(p.stat().st_size for p in parts)
+  return assemble_parts(parts, gguf_cache_dir() / pkg.MODEL_NAME, pkg.EXPECTED_SHA256)
+
+
+def assemble_parts(parts: list[Path], target: Path, sha256: str | None = None) -> Path:
+  """Concatenates `parts` in order into `target`, unless `target` already has their total size.
+
+  Written to a temporary file in the target's directory, checked against `sha256` (when given)
+  and renamed into place, so an interrupted or failed run never leaves a partial `target`.
+  """
+  target = Path(target)
+  expected_size = sum(Path(p).stat().st_size for p in parts)
   if target.is_file() and target.stat().st_size == expected_size:
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
@@ -119,9 +128,9 @@ def _assembled_gemma(name: str) -> Path:
           while block := src.read(1 << 22):
             digest.update(block)
             out.write(block)
-    if digest.hexdigest() != pkg.EXPECTED_SHA256:
-      raise ValueError(f"assembling {target.name} from {_GEMMA_PACKAGE}: sha256 mismatch "
-                       f"(got {digest.hexdigest()}, expected {pkg.EXPECTED_SHA256})")
+    if sha256 is not None and digest.hexdigest() != sha256:
+      raise ValueError(f"assembling {target.name}: sha256 of the joined parts is "
+                       f"{digest.hexdigest()}, expected {sha256}")
     os.replace(tmp_name, target)
   finally:
     with contextlib.suppress(FileNotFoundError):
@@ -279,6 +288,8 @@ def dequantize_tensor(path: str | os.PathLike, info: GGUFTensorInfo) -> np.ndarr
   raw = np.memmap(path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
   raw = np.asarray(raw).reshape(*info.shape[:-1], row_bytes)
   values = gguf.quants.dequantize(raw, qtype)
+  if np.shares_memory(values, raw):  # F32 is a view of the read-only map: own a copy
+    values = values.copy()
   return np.ascontiguousarray(values.reshape(info.shape), dtype=np.float32)
 
 

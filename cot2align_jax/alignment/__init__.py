@@ -1,0 +1,1 @@
+"""Host-side cross-tokenizer alignment: byte-offset spans, exact token pairs, MinED + DTW."""

@@ -1,0 +1,1 @@
+"""Generation-based ROUGE-L, GSM8K exact match, reports and plots."""
