@@ -4,9 +4,11 @@ A family module (`gpt2.py`, `llama.py`, `gemma3.py`) provides:
   MODEL_TYPES                      HF `model_type` values it reads
   config_from_hf(hf: dict) -> ModelConfig
   config_to_hf(cfg) -> dict        a config.json transformers loads
-  params_from_hf(cfg, src) -> {our/param/path: (array, hf_name)}
-  params_to_hf(cfg, params) -> {hf_name: array}
-where `src` is a `TensorSource` and paths are "/"-joined keys of the model's pure state dict.
+  params_from_hf(cfg, src, expected) -> {our/param/path: (array in our layout, hf_name)}
+  params_to_hf(cfg, params) -> {hf_name: array in HF layout}
+where `src` is a `TensorSource`, `expected` the set of parameter paths of a model of that config
+(the loader checks every returned shape), and paths are "/"-joined keys of the model's pure
+state dict, e.g. "layers/0/attn/q".
 """
 
 from __future__ import annotations
