@@ -1,0 +1,209 @@
+"""Examples, prompt templates, views and plain/CoT records (METHOD.md §2).
+
+An `Example` is one row of an instruction set: instruction, input (may be ""), and one or
+more reference outputs (training uses the first). From each example `build_records` makes
+
+* always a **plain record**: main view = plain prompt + gold answer, no paired view;
+* when the CoT rule selects the example *and* a rationale exists for its id, a **CoT record**:
+  main view = CoT prompt + `rationale + "\\nTherefore, the answer is: " + gold`, paired view =
+  plain prompt + gold, and `has_pair=True`.
+
+Decisions (tested in tests/data/test_records.py):
+
+* "Non-empty input" means `input != ""` exactly; the same test picks the plain template with or
+  without the Input section, which matches the `prompt` field of every staged row.
+* An example whose first reference is empty (or whitespace only) makes no record at all: a
+  response of EOS alone teaches nothing but "stop", and the CoT answer would dangle. Such
+  examples are skipped and their ids listed in the `BuildReport` (`empty_output`).
+* A rationale that is empty or whitespace only counts as missing.
+* Examples that the rule selects but that lack a rationale keep their plain record and are
+  listed in the report (`missing_rationale`); a warning is logged with the count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Literal, Union
+
+log = logging.getLogger(__name__)
+
+# Byte-exact Alpaca-style templates (METHOD.md §2). The CoT template always has the Input section.
+PLAIN_TEMPLATE_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+PLAIN_TEMPLATE_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+COT_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response with reasoning step by step "
+    "that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n"
+    "### Response:\nLet's think step by step.\n")
+COT_ANSWER_JOINER = "\nTherefore, the answer is: "
+
+RecordKind = Literal["plain", "cot"]
+CotRule = Union[Literal["nonempty_input", "all", "none"], Callable[["Example"], bool]]
+
+
+class DataError(ValueError):
+  """Bad input data: a malformed line, a missing field, an unknown id, a missing file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One row of an instruction set.
+
+  `id` is stable across runs: the row's own "id" field when it has one, else
+  "{dataset}/{split}/{row index}" (0-based line number in the source file).
+  """
+
+  id: str
+  instruction: str
+  input: str
+  outputs: tuple[str, ...]
+  dataset: str
+  split: str
+
+  def __post_init__(self):
+    if not isinstance(self.outputs, tuple) or not self.outputs:
+      raise DataError(f"example {self.id!r}: outputs must be a non-empty tuple of str")
+    for field in ("id", "instruction", "input", "dataset", "split"):
+      if not isinstance(getattr(self, field), str):
+        raise DataError(f"example {self.id!r}: {field} must be a str")
+    if not all(isinstance(o, str) for o in self.outputs):
+      raise DataError(f"example {self.id!r}: every output must be a str")
+
+  @property
+  def output(self) -> str:
+    """The reference used for training (the first one)."""
+    return self.outputs[0]
+
+
+def has_input(example: Example) -> bool:
+  """Whether the example has a non-empty input (exact test, no stripping)."""
+  return example.input != ""
+
+
+def plain_prompt(example: Example) -> str:
+  """The plain Alpaca prompt: with the Input section iff the input is non-empty."""
+  if has_input(example):
+    return PLAIN_TEMPLATE_WITH_INPUT.format(instruction=example.instruction, input=example.input)
+  return PLAIN_TEMPLATE_NO_INPUT.format(instruction=example.instruction)
+
+
+def cot_prompt(example: Example) -> str:
+  """The CoT prompt (always with the Input section, possibly empty)."""
+  return COT_TEMPLATE.format(instruction=example.instruction, input=example.input)
+
+
+def cot_response(rationale: str, answer: str) -> str:
+  """The CoT target: rationale, then "\\nTherefore, the answer is: ", then the answer."""
+  return rationale + COT_ANSWER_JOINER + answer
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One training record: a main view and, for CoT records, the paired plain view.
+
+  `example_index` is the position of the source example in the sequence given to
+  `build_records` (the integer `example_id` of the batch contract in spec.py).
+  """
+
+  example_id: str
+  kind: RecordKind
+  prompt: str
+  response: str
+  pair_prompt: str | None = None
+  pair_response: str | None = None
+  has_pair: bool = False
+  example_index: int = -1
+
+  def __post_init__(self):
+    if self.kind not in ("plain", "cot"):
+      raise ValueError(f"record kind must be 'plain' or 'cot', got {self.kind!r}")
+    paired = self.pair_prompt is not None and self.pair_response is not None
+    if paired != self.has_pair or (self.pair_prompt is None) != (self.pair_response is None):
+      raise ValueError(f"record {self.example_id!r}: has_pair={self.has_pair} but pair view "
+                       f"is {'set' if paired else 'missing'}")
+
+
+@dataclasses.dataclass
+class BuildReport:
+  """What `build_records` left out, by example id."""
+
+  missing_rationale: list[str] = dataclasses.field(default_factory=list)
+  empty_output: list[str] = dataclasses.field(default_factory=list)
+  n_plain: int = 0
+  n_cot: int = 0
+
+
+class RecordList(list):
+  """A plain list of `Record`s that also carries the `BuildReport` as `.report`."""
+
+  report: BuildReport
+
+
+def plain_record(example: Example, index: int = -1) -> Record:
+  """The plain record of an example: plain prompt + first reference, no pair."""
+  return Record(example_id=example.id, kind="plain", prompt=plain_prompt(example),
+                response=example.output, example_index=index)
+
+
+def cot_record(example: Example, rationale: str, index: int = -1) -> Record:
+  """The CoT record: CoT prompt + rationale/answer, paired with the plain view."""
+  return Record(example_id=example.id, kind="cot", prompt=cot_prompt(example),
+                response=cot_response(rationale, example.output),
+                pair_prompt=plain_prompt(example), pair_response=example.output,
+                has_pair=True, example_index=index)
+
+
+def cot_selector(cot_rule: CotRule) -> Callable[[Example], bool]:
+  """The predicate "this example should get a CoT record" for a rule name or callable."""
+  if callable(cot_rule):
+    return cot_rule
+  rules = {"nonempty_input": has_input, "all": lambda ex: True, "none": lambda ex: False}
+  if cot_rule not in rules:
+    raise ValueError(f"unknown cot_rule {cot_rule!r}; use one of {sorted(rules)} or a callable")
+  return rules[cot_rule]
+
+
+def build_records(examples: Iterable[Example], rationales: Mapping[str, str] | None = None, *,
+                  cot_rule: CotRule = "nonempty_input") -> RecordList:
+  """Plain records for every example, CoT records where the rule and a rationale allow.
+
+  Records come in example order, the plain record of an example before its CoT record. The
+  returned list has a `.report` (`BuildReport`) of skipped empty outputs and missing rationales.
+  """
+  wants_cot = cot_selector(cot_rule)
+  rationales = rationales or {}
+  out, report = RecordList(), BuildReport()
+  for index, example in enumerate(examples):
+    if not example.output.strip():
+      report.empty_output.append(example.id)
+      continue
+    out.append(plain_record(example, index))
+    report.n_plain += 1
+    if not wants_cot(example):
+      continue
+    rationale = rationales.get(example.id, "")
+    if not rationale.strip():
+      report.missing_rationale.append(example.id)
+      continue
+    out.append(cot_record(example, rationale, index))
+    report.n_cot += 1
+  _log_report(report)
+  out.report = report
+  return out
+
+
+def _log_report(report: BuildReport) -> None:
+  """Warn about examples left without a record or without their CoT record."""
+  if report.empty_output:
+    log.warning("build_records: skipped %d examples with an empty output (first: %s)",
+                len(report.empty_output), report.empty_output[0])
+  if report.missing_rationale:
+    log.warning("build_records: %d examples selected for CoT have no rationale (first: %s)",
+                len(report.missing_rationale), report.missing_rationale[0])

@@ -1,0 +1,152 @@
+"""Tokenization of one view (prompt + response) by one tokenizer, with byte spans.
+
+Rules (docs/METHOD.md §2): no special tokens are added; the prompt keeps its *first*
+`max_prompt` tokens; the response follows; EOS is appended; the whole id sequence keeps its first
+`max_len` tokens. Inputs are ids[:-1], labels ids[1:], and only response labels (the EOS
+included) are valid.
+
+Two choices made here, and why:
+- Prompt + response are tokenized *jointly* (one call on the view text) and split at the prompt's
+  end by character offsets: a token that starts inside the prompt belongs to the prompt. This is
+  the reference's split (it tokenizes `prompt + response` and slices at the prompt's token count)
+  whenever no token straddles the boundary, and it avoids the spurious "▁" a SentencePiece
+  tokenizer would prepend to a separately tokenized response.
+- An over-long prompt is truncated (first `max_prompt` tokens kept), as METHOD.md says; the
+  reference (MiniLLM's process_data_dolly) drops such examples instead.
+
+Byte spans: HF fast tokenizers report *character* offsets into the text; they are converted to
+UTF-8 byte offsets of the view text. A multi-byte character split over several tokens (byte-level
+BPE, SentencePiece byte fallback) gives each of those tokens the span of the whole character, so
+such spans may overlap. EOS has the empty span (len(text), len(text)). Prompt tokens dropped by
+truncation keep no span; the kept spans still index the full view text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+
+_log = logging.getLogger(__name__)
+_WARNED_NO_PAD: set[str] = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedView:
+  """One view tokenized by one tokenizer; n = number of ids (≤ max_len).
+
+  ids            [n]    int32  prompt ids (≤ max_prompt), response ids, EOS; truncated to max_len
+  offsets        [n, 2] int32  UTF-8 byte span [start, end) of each id in `text`; EOS: empty at end
+  response_mask  [n]    int32  1 at response ids and at the EOS
+  text           str           the view text (prompt + response, lone surrogates replaced)
+  prompt_bytes   int           UTF-8 byte length of the prompt part of `text`
+  """
+
+  ids: np.ndarray
+  offsets: np.ndarray
+  response_mask: np.ndarray
+  text: str
+  prompt_bytes: int
+
+  def __len__(self) -> int:
+    return int(self.ids.shape[0])
+
+  def model_arrays(self) -> dict[str, np.ndarray]:
+    """The four spec.py sequence fields of this row, unpadded, each [n - 1] int32.
+
+    input_ids = ids[:-1]; labels = ids[1:] where the label is a response token, else 0;
+    loss_mask = response_mask[1:]; attention_mask = 1 everywhere (every input is a real token).
+    """
+    n = len(self) - 1
+    loss_mask = self.response_mask[1:].astype(np.int32)
+    return {
+        "input_ids": self.ids[:-1].astype(np.int32),
+        "labels": (self.ids[1:] * loss_mask).astype(np.int32),
+        "loss_mask": loss_mask,
+        "attention_mask": np.ones((n,), np.int32),
+    }
+
+
+def clean_text(text: str) -> str:
+  """`text` with lone UTF-16 surrogates replaced by U+FFFD (valid surrogate pairs are joined).
+
+  Strings read with `surrogateescape`/`surrogatepass` may hold code points that cannot be
+  UTF-8 encoded; tokenizers and byte offsets need encodable text.
+  """
+  try:
+    text.encode("utf-8")
+    return text
+  except UnicodeEncodeError:
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def tokenizer_name(tok) -> str:
+  """A readable name of a tokenizer for log lines (its path or class)."""
+  return str(getattr(tok, "name_or_path", "") or type(tok).__name__)
+
+
+def eos_id(tok) -> int:
+  """The tokenizer's EOS id; raises ValueError when it has none."""
+  eos = getattr(tok, "eos_token_id", None)
+  if eos is None:
+    raise ValueError(f"tokenizer {tokenizer_name(tok)} has no EOS token; it cannot build views")
+  return int(eos)
+
+
+def pad_id(tok) -> int:
+  """The tokenizer's pad id, or its EOS id (warning once per tokenizer name) when it has none."""
+  pad = getattr(tok, "pad_token_id", None)
+  if pad is not None:
+    return int(pad)
+  name = tokenizer_name(tok)
+  if name not in _WARNED_NO_PAD:
+    _WARNED_NO_PAD.add(name)
+    _log.warning("tokenizer %s has no pad token; using EOS", name)
+  return eos_id(tok)
+
+
+def _char_to_byte(text: str) -> np.ndarray:
+  """[len(text) + 1] int64: the UTF-8 byte offset of each character index of `text`."""
+  cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+  widths = 1 + (cps >= 0x80).astype(np.int64) + (cps >= 0x800) + (cps >= 0x10000)
+  return np.concatenate([[0], np.cumsum(widths)])
+
+
+def _encode(text: str, tok) -> tuple[np.ndarray, np.ndarray]:
+  """Ids [k] and character offsets [k, 2] of `text`, no special tokens added."""
+  enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+  ids = np.asarray(enc["input_ids"], dtype=np.int32).reshape(-1)
+  offs = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+  return ids, offs
+
+
+def tokenize_view(prompt: str, response: str, tok, *, max_prompt: int = 256,
+                  max_len: int = 512) -> TokenizedView:
+  """Tokenizes one view (see the module docstring for the rules).
+
+  Args:
+    prompt: the prompt text (template filled in).
+    response: the response text; "" gives an EOS-only response.
+    tok: a Hugging Face fast tokenizer (offsets needed).
+    max_prompt: prompt tokens kept (the first ones).
+    max_len: total ids kept (prompt + response + EOS), the first ones; ≥ 2.
+
+  Returns:
+    A TokenizedView of n ≤ max_len ids.
+  """
+  if max_prompt < 0 or max_len < 2:
+    raise ValueError(f"need max_prompt >= 0 and max_len >= 2, got {max_prompt}, {max_len}")
+  prompt, response = clean_text(prompt), clean_text(response)
+  text = prompt + response
+  ids, offs = _encode(text, tok) if text else (np.zeros((0,), np.int32), np.zeros((0, 2), np.int64))
+  in_prompt = offs[:, 0] < len(prompt)
+  keep = ~in_prompt | (np.cumsum(in_prompt) <= max_prompt)
+  c2b = _char_to_byte(text)
+  n_bytes = int(c2b[-1])
+  ids = np.concatenate([ids[keep], np.asarray([eos_id(tok)], np.int32)])[:max_len]
+  spans = np.concatenate([c2b[offs[keep]], np.asarray([[n_bytes, n_bytes]])])[:max_len]
+  resp = np.concatenate([~in_prompt[keep], [True]])[:max_len]
+  return TokenizedView(ids=ids.astype(np.int32), offsets=spans.astype(np.int32),
+                       response_mask=resp.astype(np.int32), text=text,
+                       prompt_bytes=int(c2b[len(prompt)]))
