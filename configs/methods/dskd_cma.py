@@ -1,0 +1,21 @@
+"""DSKD-CMA: dual-space KD with cross-model attention (METHOD.md §4), forward KL.
+
+    python -m cot2align_jax.train --config=configs/methods/dskd_cma.py --workdir=DIR \
+        --config.student.path=... --config.teacher.path=...
+    python -m cot2align_jax.train --config=configs/methods/dskd_cma.py:tiny --workdir=DIR   # tiny problem
+
+arg: "" = configs/base.py defaults (set the model paths), "tiny" = configs/tiny.py's problem.
+"""
+
+from cot2align_jax.training.config import load_sibling
+
+
+def apply(c):
+  c.kd.method = "dskd_cma"
+  c.kd.divergence = "fkl"
+  return c
+
+
+def get_config(arg=None):
+  start = load_sibling(__file__, "../tiny.py" if arg == "tiny" else "../base.py")
+  return apply(start.get_config())

@@ -1,0 +1,21 @@
+"""Plain KD (same vocabulary): (1-λ)·CE + λ·D(teacher‖student) per token, forward KL by default.
+
+    python -m cot2align_jax.train --config=configs/methods/kd.py --workdir=DIR \
+        --config.student.path=... --config.teacher.path=...
+    python -m cot2align_jax.train --config=configs/methods/kd.py:tiny --workdir=DIR   # tiny problem
+
+arg: "" = configs/base.py defaults (set the model paths), "tiny" = configs/tiny.py's problem.
+"""
+
+from cot2align_jax.training.config import load_sibling
+
+
+def apply(c):
+  c.kd.method = "kd"
+  c.kd.divergence = "fkl"
+  return c
+
+
+def get_config(arg=None):
+  start = load_sibling(__file__, "../tiny.py" if arg == "tiny" else "../base.py")
+  return apply(start.get_config())

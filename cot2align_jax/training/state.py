@@ -1,0 +1,183 @@
+"""The train state (a pytree) and the optimizer (optax AdamW in two groups).
+
+    opt_cfg = OptimConfig(lr=5e-4, total_steps=1000)
+    state, (student_gd, proj_gd) = init_state(student_model, projectors, opt_cfg, seed=10)
+    optimizer = make_optimizer(opt_cfg, state.params, state.proj)   # the same one init_state used
+
+TrainState fields: `step` int32 scalar; `params` the student's `nnx.State` of Params; `proj` the
+projectors' `nnx.State` (empty for SFT); `opt_state` optax state over {"student": params,
+"proj": proj}; `rng` a PRNG key (uint32[2]) split by the step for any randomness.
+
+Optimizer (METHOD.md §5): global-norm clipping over all trainable parameters (student and
+projectors together, as torch's clip_grad_norm_ over the optimizer's parameters), then
+`optax.multi_transform` with one AdamW per group: the student at `lr` and the projectors at
+`proj_lr` (1e-3 in the paper), each on the same schedule shape; weight decay on every parameter
+except biases and norm scales (names ending in "bias", or "scale", by path). Gradient
+accumulation over `accumulate` micro-batches happens inside the train step (training/steps.py),
+which then calls the optimizer once with the exactly weighted gradient; `make_optimizer(...,
+multisteps=True)` gives the optax.MultiSteps alternative (one micro-batch per call, gradients
+averaged with equal weights: exact only when every micro-batch has the same token count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW settings (the paper's defaults: wd 0.01, cosine to 1e-7, no warmup, clip 1.0).
+
+  lr / proj_lr: peak learning rates of the student and of the projectors. schedule: "cosine",
+  "linear" (both decay from the peak to end_lr at total_steps) or "constant"; warmup_steps of
+  linear warmup from 0 first. clip_norm: global-norm clipping (None or <= 0: off).
+  accumulate: micro-batches per optimizer step (split inside the train step).
+  """
+  lr: float = 5e-4
+  proj_lr: float = 1e-3
+  weight_decay: float = 0.01
+  schedule: str = "cosine"
+  warmup_steps: int = 0
+  total_steps: int = 1000
+  end_lr: float = 1e-7
+  clip_norm: float | None = 1.0
+  accumulate: int = 1
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+    if self.accumulate < 1:
+      raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
+    if self.total_steps < 1 or self.warmup_steps < 0:
+      raise ValueError("total_steps must be >= 1 and warmup_steps >= 0")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  proj: Any
+  opt_state: Any
+  rng: jax.Array
+
+  @property
+  def trainable(self) -> dict:
+    """The tree the optimizer sees."""
+    return {"student": self.params, "proj": self.proj}
+
+
+def make_schedule(cfg: OptimConfig, peak: float) -> optax.Schedule:
+  """Warmup (linear from 0) then the configured decay from `peak` to `cfg.end_lr`."""
+  decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
+  if cfg.schedule == "cosine":
+    # optax's alpha is the final fraction of the peak.
+    main = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.end_lr / peak if peak else 0.)
+  elif cfg.schedule == "linear":
+    main = optax.linear_schedule(peak, cfg.end_lr, decay_steps)
+  else:
+    main = optax.constant_schedule(peak)
+  if cfg.warmup_steps <= 0:
+    return main
+  warm = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
+  return optax.join_schedules([warm, main], [cfg.warmup_steps])
+
+
+def _path_names(path) -> list[str]:
+  out = []
+  for k in path:
+    name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
+    out.append(str(name))
+  return out
+
+
+def no_decay(path_names: list[str]) -> bool:
+  """True for biases and norm scales: the last name ends with "bias" or is "scale"."""
+  names = [n for n in path_names if n not in ("value", "None")]
+  last = names[-1] if names else ""
+  return last.endswith("bias") or last == "scale"
+
+
+def decay_mask(tree) -> Any:
+  """A tree of bools like `tree`: True where weight decay applies."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: not no_decay(_path_names(p)), tree)
+
+
+def _labels(tree) -> dict:
+  return {k: jax.tree.map(lambda _: k, v) for k, v in tree.items()}
+
+
+def _adamw(cfg: OptimConfig, peak: float) -> optax.GradientTransformation:
+  return optax.adamw(make_schedule(cfg, peak), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                     weight_decay=cfg.weight_decay, mask=decay_mask)
+
+
+def make_optimizer(cfg: OptimConfig, params=None, proj=None, *,
+                   multisteps: bool = False) -> optax.GradientTransformation:
+  """clip(global norm) -> multi_transform({student: AdamW(lr), proj: AdamW(proj_lr)}).
+
+  Applies to the tree {"student": params, "proj": proj} (TrainState.trainable). `params` and
+  `proj` are accepted for the contract (the labels are derived from the tree's top-level keys).
+  multisteps: wrap in optax.MultiSteps(every_k_schedule=cfg.accumulate) (see module doc).
+  """
+  del params, proj
+  parts = []
+  if cfg.clip_norm is not None and cfg.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+  parts.append(optax.multi_transform({"student": _adamw(cfg, cfg.lr),
+                                      "proj": _adamw(cfg, cfg.proj_lr)}, _labels))
+  tx = optax.chain(*parts)
+  if multisteps and cfg.accumulate > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=cfg.accumulate)
+  return tx
+
+
+def learning_rates(cfg: OptimConfig, step) -> dict[str, jax.Array]:
+  """The (student, projector) learning rates at `step` (for logging)."""
+  return {"lr": make_schedule(cfg, cfg.lr)(step), "proj_lr": make_schedule(cfg, cfg.proj_lr)(step)}
+
+
+def split_params(module: nnx.Module | None):
+  """(graphdef, nnx.State of Params) of a module; ValueError if it holds other state."""
+  if module is None:
+    return None, nnx.State({})
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError(f"{type(module).__name__} holds non-Param state; the train state keeps "
+                     "only parameters")
+  return graphdef, params
+
+
+def cast_params(params, dtype):
+  """A copy of a params tree with floating leaves cast to `dtype` (e.g. a bf16 teacher)."""
+  dtype = jnp.dtype(dtype)
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      params)
+
+
+def init_state(student_model: nnx.Module, projectors: nnx.Module | None, opt_cfg: OptimConfig,
+               seed: int = 0, *, optimizer: optax.GradientTransformation | None = None):
+  """(TrainState at step 0, (student_graphdef, proj_graphdef)).
+
+  The optimizer defaults to `make_optimizer(opt_cfg)`; pass the one the step uses if it differs.
+  Under a mesh, jit this function's array part with `out_shardings=state_shardings(...)` or
+  `jax.device_put` the result (see training/mesh.py).
+  """
+  student_gd, params = split_params(student_model)
+  proj_gd, proj = split_params(projectors)
+  tx = optimizer or make_optimizer(opt_cfg, params, proj)
+  opt_state = tx.init({"student": params, "proj": proj})
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, proj=proj,
+                     opt_state=opt_state, rng=jax.random.key_data(jax.random.key(seed)))
+  return state, (student_gd, proj_gd)
