@@ -83,6 +83,9 @@ def get_config(arg=None):
       prefetch_buffer=0,
       worker_count=0,
       worker_buffer_size=2,
+      # Within windows of this many batches, plain records first: all-plain batches skip the
+      # paired-view forwards (0 = off).
+      group_by_pair=8,
   ))
 
   c.kd = ml_collections.ConfigDict(dict(

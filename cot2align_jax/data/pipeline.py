@@ -64,6 +64,10 @@ class PipelineConfig:
   read_threads, prefetch_buffer: grain ReadOptions of the in-process prefetch (0 = synchronous).
   worker_count: grain mp_prefetch worker processes; 0 = everything in this process.
   worker_buffer_size: batches buffered per worker.
+  group_by_pair: 0 = off; k > 0 = within each window of k batches of shuffled records, put the
+    records without a paired view first (stable order), so most batches are all-plain or
+    all-CoT and the train step skips the paired-view forwards of all-plain batches (the bucket
+    approach to METHOD §6.2). At most one batch per window mixes the two kinds.
   """
 
   batch_size: int = 8
@@ -78,6 +82,7 @@ class PipelineConfig:
   shard_index: int | None = None
   shard_count: int | None = None
   even_shards: bool = True
+  group_by_pair: int = 0
   read_threads: int = 0
   prefetch_buffer: int = 0
   worker_count: int = 0
@@ -91,9 +96,49 @@ class PipelineConfig:
       raise ValueError(f"buckets must be ascending and distinct, got {self.buckets}")
     if self.buckets[-1] < self.max_len - 1:
       raise ValueError(f"largest bucket {self.buckets[-1]} < max_len - 1 = {self.max_len - 1}")
+    if self.group_by_pair < 0:
+      raise ValueError(f"group_by_pair must be >= 0, got {self.group_by_pair}")
     unknown = set(self.alignment) - set(ALIGNMENTS)
     if unknown:
       raise ValueError(f"unknown alignment {sorted(unknown)}; known: {ALIGNMENTS}")
+
+
+class GroupByPairMapDataset(grain.MapDataset):
+  """Reorders each window of `window` consecutive records: those without a pair first.
+
+  A pure index permutation (stable within each kind), so random access, len and grain iterator
+  state behave as for the parent. Reading a window's has_pair flags touches only the records,
+  not the tokenizers.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, window: int):
+    super().__init__(parent)
+    if window < 1:
+      raise ValueError(f"window must be >= 1, got {window}")
+    self._window = window
+    self._orders: dict[int, np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __str__(self) -> str:
+    return f"GroupByPairMapDataset(window={self._window})"
+
+  def _order(self, w: int) -> np.ndarray:
+    if w not in self._orders:
+      start = w * self._window
+      stop = min(start + self._window, len(self._parent))
+      flags = np.asarray([bool(_field(self._parent[i], "has_pair")) for i in range(start, stop)])
+      if len(self._orders) > 8:
+        self._orders.clear()
+      self._orders[w] = np.argsort(flags, kind="stable")
+    return self._orders[w]
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    w, r = divmod(int(index), self._window)
+    return self._parent[w * self._window + int(self._order(w)[r])]
 
 
 def _field(record: Any, name: str) -> Any:
@@ -345,7 +390,10 @@ class Pipeline:
     ds = ds[index::count]
     if c.shuffle:
       ds = ds.shuffle(seed=c.seed)
-    return ds.repeat(c.num_epochs)
+    ds = ds.repeat(c.num_epochs)
+    if c.group_by_pair:
+      ds = GroupByPairMapDataset(ds, window=c.group_by_pair * c.batch_size)
+    return ds
 
   def dataset(self) -> grain.IterDataset:
     """The whole pipeline as a grain IterDataset of batches."""

@@ -225,3 +225,32 @@ def test_accepts_project_records_and_dicts(toks):
   b = batches(recs, toks, shuffle=False)[0]
   assert b["example_id"].tolist() == [5, 9, -1, -1]
   assert b["has_pair"].tolist() == [False, True, False, False]
+
+
+def test_group_by_pair_makes_pure_batches_and_resumes(toks):
+  """Grouping within windows of k batches: the same records per epoch, at most one mixed batch
+  per window, and exact resume."""
+  recs = make_records(48)  # every third record has a pair
+  plain = batches(recs, toks, batch_size=4)
+  grouped = batches(recs, toks, batch_size=4, group_by_pair=4)
+  ids = lambda bs: sorted(int(i) for b in bs for i in b["example_id"] if i >= 0)
+  assert ids(grouped) == ids(plain) == list(range(48))
+  mixed = lambda bs: sum(0 < b["has_pair"].sum() < len(b["has_pair"]) for b in bs)
+  assert mixed(grouped) <= 48 // 16  # one per window of 16 records at most
+  assert mixed(plain) > mixed(grouped)
+  assert sum(not b["has_pair"].any() for b in grouped) >= 6  # these skip the pair forwards
+  for b in grouped:  # pair masks stay consistent with has_pair
+    assert not b["pair/student/loss_mask"][~b["has_pair"]].any()
+  c = cfg(batch_size=4, group_by_pair=4, num_epochs=2)
+  it = iter(pl.Pipeline(recs, *toks, c))
+  for _ in range(7):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(6)]
+  fresh = iter(pl.Pipeline(recs, *toks, c))
+  fresh.set_state(state)
+  for want in expected:
+    got = next(fresh)
+    np.testing.assert_array_equal(got["example_id"], want["example_id"])
+  with pytest.raises(ValueError, match="group_by_pair must be >= 0"):
+    pl.PipelineConfig(group_by_pair=-1).validate()
