@@ -4,6 +4,17 @@
         --out=work/dolly_rationales.jsonl --batch_size=16          # resumable: rerun to continue
     python -m cot2align_jax.generate_cot --dataset=dolly --out=work/dolly_rationales.jsonl \
         --import_from=gpt4_rationales.jsonl                         # any LLM, keyed by example id
+    python -m cot2align_jax.generate_cot --config=configs/tiny.py:cot2align --workdir=/tmp/tiny \
+        --config.data.rationales=/tmp/tiny/rationales.jsonl          # then train with the same
+
+With `--config` (the training config, same file and --config.<key>=v overrides as
+cot2align_jax.train) the teacher (teacher.path, or the tiny problem's teacher initialised as the
+training loop does), the data set (data.dataset / data.split / data.max_examples / data.source),
+the CoT rule (data.cot_rule) and the output (data.rationales, the file training reads; when
+empty: workdir/rationales.jsonl) come from the config; explicit flags given on the command line
+win. Prompt lengths default to data.max_prompt / data.max_len. Batches are sharded over all
+devices of mesh.data × mesh.fsdp (all when mesh.data = -1) on the axis 'data'
+(--noshard: one device).
 
 Sampling defaults: temperature 1, top-p 1, top-k off, no-repeat-ngram 6, 512 total / 256
 prompt tokens, seed 10. The output is appended to (JSONL {"id", "rationale"}, flushed per batch);
@@ -19,8 +30,9 @@ import sys
 
 from absl import app, flags
 
-from cot2align_jax.evaluate import (UsageError, data_mesh, define_common_flags,
-                                    load_model_and_tokenizer, run_cli, sampling_settings)
+from cot2align_jax.evaluate import (UsageError, cli_config, config_examples, config_model,
+                                    data_mesh, define_common_flags, load_model_and_tokenizer,
+                                    prompt_fns, run_cli, sampling_settings)
 
 FLAGS = flags.FLAGS
 
@@ -36,28 +48,46 @@ flags.DEFINE_bool("drop_unknown", False, "with --import_from: drop ids matching 
 
 
 def _generate_cot() -> None:
-  from cot2align_jax.data.sources import read_examples
+  from pathlib import Path
   from cot2align_jax.evaluation.rationales import generate_rationales, import_rationale_file
-  if not FLAGS.out:
-    raise UsageError("--out is required")
-  if "," in FLAGS.dataset or "/" in FLAGS.dataset:
-    raise UsageError(f"--dataset takes one data set name, got {FLAGS.dataset!r}")
-  split = FLAGS.split or "train"
-  examples = read_examples(FLAGS.dataset, split, source=FLAGS.data_dir)
+  config = cli_config()
+  out, dataset, split = FLAGS.out, FLAGS.dataset, FLAGS.split or "train"
+  max_examples, cot_rule = FLAGS.max_examples, FLAGS.cot_rule
+  if config is not None:
+    if not out:
+      out = config.data.rationales or (str(Path(FLAGS.workdir) / "rationales.jsonl")
+                                       if FLAGS.workdir else None)
+    if not FLAGS["dataset"].present:
+      dataset = config.data.dataset
+    if not FLAGS.split:
+      split = config.data.split
+    if max_examples is None:
+      max_examples = int(config.data.max_examples) or None
+    if not FLAGS["cot_rule"].present and config.data.cot_rule in ("nonempty_input", "all"):
+      cot_rule = config.data.cot_rule
+  if not out:
+    raise UsageError("--out is required" if config is None else
+                     "--out is required (or config data.rationales, or --workdir)")
+  if "," in dataset or "/" in dataset:
+    raise UsageError(f"--dataset takes one data set name, got {dataset!r}")
+  examples = config_examples(config, dataset, split, max_examples if dataset == "tiny" else None)
   if FLAGS.import_from:
-    report = import_rationale_file(FLAGS.import_from, examples, FLAGS.out,
+    report = import_rationale_file(FLAGS.import_from, examples, out,
                                    on_unknown="drop" if FLAGS.drop_unknown else "raise")
     dropped = f", dropped {len(report.unknown_ids)} unknown ids" if report.unknown_ids else ""
     print(f"imported {report.added} rationales into {report.path} "
           f"({report.already_present} already there{dropped})")
     return
-  settings = sampling_settings()
-  mesh = data_mesh()
-  model, tokenizer = load_model_and_tokenizer()
-  report = generate_rationales(model, tokenizer, examples, FLAGS.out, settings=settings,
+  settings = sampling_settings(config)
+  mesh = data_mesh(config)
+  if config is not None and not FLAGS.model:
+    model, tokenizer, _ = config_model(config, "teacher")
+  else:
+    model, tokenizer = load_model_and_tokenizer()
+  report = generate_rationales(model, tokenizer, examples, out, settings=settings,
                                seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-                               cot_rule=FLAGS.cot_rule, max_examples=FLAGS.max_examples,
-                               mesh=mesh)
+                               cot_rule=cot_rule, max_examples=max_examples,
+                               mesh=mesh, prompt_fn=prompt_fns(dataset)[1])
   print(f"{report.path}: {report.already_done + report.generated}/{report.selected} done "
         f"({report.generated} new, {report.already_done} before); "
         f"{report.tokens} tokens in {report.seconds:.1f} s = {report.tokens_per_s:.0f} tok/s")

@@ -302,14 +302,16 @@ def _is_writer() -> bool:
 
 def evaluate_set(generator: TextGenerator, name: str, examples: Sequence[Example],
                  seeds: Sequence[int] = DEFAULT_SEEDS, *,
-                 generations_dir: str | Path | None = None) -> SetResult:
-  """Generates on the plain prompt of every example for each seed and scores the texts."""
+                 generations_dir: str | Path | None = None,
+                 prompt_fn: Callable[[Example], str] | None = None) -> SetResult:
+  """Generates on the plain prompt of every example for each seed and scores the texts.
+  `prompt_fn(example)`: the prompt (default data.records.plain_prompt, the Alpaca template)."""
   if not examples:
     raise ValueError(f"{name}: no examples")
   if not seeds:
     raise ValueError("need at least one seed")
   metric = metric_for(examples)
-  prompts = [plain_prompt(ex) for ex in examples]
+  prompts = [(prompt_fn or plain_prompt)(ex) for ex in examples]
   per_seed, tokens, seconds = [], 0, 0.0
   for seed in seeds:
     stats = {"tokens": 0, "seconds": 0.0}
@@ -406,7 +408,8 @@ def evaluate_sets(model, tokenizer, sets: Mapping[str, Sequence[Example]],
                   settings: SamplingSettings | None = None, batch_size: int = 8,
                   max_examples: int | None = None, mesh: jax.sharding.Mesh | None = None,
                   data_axis: str = "data", save_generations: bool = True,
-                  meta: Mapping[str, Any] | None = None) -> EvalReport:
+                  meta: Mapping[str, Any] | None = None,
+                  prompt_fn: Callable[[Example], str] | None = None) -> EvalReport:
   """Evaluates every set ({"dolly/valid": examples, ...}) for every seed.
 
   With a workdir, writes eval_results.{json,md,png} there (and per-seed generations under
@@ -418,7 +421,8 @@ def evaluate_sets(model, tokenizer, sets: Mapping[str, Sequence[Example]],
   results = []
   for name, examples in sets.items():
     examples = list(examples)[:max_examples] if max_examples else list(examples)
-    results.append(evaluate_set(generator, name, examples, seeds, generations_dir=gen_dir))
+    results.append(evaluate_set(generator, name, examples, seeds, generations_dir=gen_dir,
+                                prompt_fn=prompt_fn))
   paths = (None, None, None)
   if workdir is not None and _is_writer():
     info = {"seeds": [int(s) for s in seeds], "batch_size": batch_size,
@@ -431,11 +435,12 @@ def evaluate_sets(model, tokenizer, sets: Mapping[str, Sequence[Example]],
 def dev_rouge_l(model, tokenizer, examples: Sequence[Example], *, seed: int = 10,
                 settings: SamplingSettings | None = None, batch_size: int = 8,
                 max_examples: int | None = None, mesh: jax.sharding.Mesh | None = None,
-                data_axis: str = "data") -> float:
+                data_axis: str = "data",
+                prompt_fn: Callable[[Example], str] | None = None) -> float:
   """Corpus ROUGE-L (×100) of one sampled generation pass on the dev examples (seed 10, the
   reference's training seed): the score used to keep the best checkpoint."""
   generator = TextGenerator(model, tokenizer, settings, batch_size=batch_size, mesh=mesh,
                             data_axis=data_axis)
   examples = list(examples)[:max_examples] if max_examples else list(examples)
-  result = evaluate_set(generator, "dev", examples, (seed,))
+  result = evaluate_set(generator, "dev", examples, (seed,), prompt_fn=prompt_fn)
   return result.mean

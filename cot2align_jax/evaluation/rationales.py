@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -105,11 +105,13 @@ def generate_rationales(model, tokenizer, examples: Sequence[Example], out_path:
                         batch_size: int = 8, cot_rule: CotRule = "nonempty_input",
                         max_examples: int | None = None, mesh: jax.sharding.Mesh | None = None,
                         data_axis: str = "data", max_batches: int | None = None,
-                        log_every: int = 1) -> RationaleReport:
+                        log_every: int = 1,
+                        prompt_fn: Callable[[Example], str] | None = None) -> RationaleReport:
   """Samples one rationale per selected example on the CoT prompt, appending to `out_path`.
 
   max_examples: keep the first N examples (before the rule). max_batches: stop after running
   that many batches (for tests and quick looks; a later call resumes). Only process 0 writes.
+  prompt_fn(example): the CoT prompt (default data.records.cot_prompt, the Alpaca template).
   """
   out_path = Path(out_path)
   ids = [ex.id for ex in examples]
@@ -144,7 +146,7 @@ def generate_rationales(model, tokenizer, examples: Sequence[Example], out_path:
       continue
     if max_batches is not None and report.batches_run >= max_batches:
       break
-    encoded = [generator.encode(cot_prompt(ex)) for ex in batch]
+    encoded = [generator.encode((prompt_fn or cot_prompt)(ex)) for ex in batch]
     out = generator.generate_ids(encoded, batch_seed(seed, k))
     rows = [(ex.id, text) for ex, text in zip(batch, out.texts) if ex.id not in done]
     if writer:

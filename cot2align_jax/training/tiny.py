@@ -250,3 +250,58 @@ def make_setup(prob: TinyProblem, kd_cfg, opt_cfg, *, student=None, teacher=None
   t_gd, t_params = state_lib.split_params(teacher)
   return TinySetup(method, kd_cfg, opt_cfg, optimizer, state, s_gd, t_gd, p_gd,
                    jax.tree.map(jnp.copy, t_params))
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny problem as a data set (generate_cot / evaluate --config=configs/tiny.py)
+# --------------------------------------------------------------------------------------------
+
+TINY_SPLITS = ("train", "dev", "test")
+TINY_INSTRUCTION = "Solve the arithmetic word problem."
+TINY_DEFAULT_SIZES = {"train": 64, "dev": 16, "test": 32}
+
+
+def tiny_split_examples(split: str, n: int | None = None, seed: int = 0):
+  """records.Example objects of one split of the tiny problem (ids "tiny/<split>/<i>").
+
+  The problems are those of the training loop's tiny problem: train = `tiny_problem(n, seed=s)`
+  (corpus seed 1000 + s), dev = the loop's dev problems (1000 + s + 1), test = 1000 + s + 2.
+  The question is the example's input; the answer its single output. Prompts: tiny_plain_prompt /
+  tiny_cot_prompt (short, unlike the Alpaca templates of data.records)."""
+  from cot2align_jax.data.records import Example  # pylint: disable=g-import-not-at-top
+  if split not in TINY_SPLITS:
+    raise KeyError(f"tiny: unknown split {split!r}; known: {', '.join(TINY_SPLITS)}")
+  n = int(n or TINY_DEFAULT_SIZES[split])
+  problems = make_corpus(n, seed=1000 + seed + TINY_SPLITS.index(split))
+  return [Example(id=f"tiny/{split}/{i}", instruction=TINY_INSTRUCTION, input=p["question"],
+                  outputs=(p["answer"],), dataset="tiny", split=split)
+          for i, p in enumerate(problems)]
+
+
+def tiny_plain_prompt(example) -> str:
+  """The tiny problem's plain prompt of an Example ("Q: <question>\\nA:")."""
+  return PLAIN_PROMPT.format(question=example.input)
+
+
+def tiny_cot_prompt(example) -> str:
+  """The tiny problem's CoT prompt of an Example ("... A: Let's think step by step.")."""
+  return COT_PROMPT.format(question=example.input)
+
+
+def tiny_records(examples, rationales=None) -> list[dict[str, Any]]:
+  """Pipeline records like `make_records`, but with CoT records exactly for the examples that
+  have a rationale in `rationales` ({id: text}, e.g. the JSONL generate_cot writes)."""
+  rationales = rationales or {}
+  out = []
+  for i, ex in enumerate(examples):
+    plain = tiny_plain_prompt(ex)
+    answer = " " + ex.outputs[0]
+    out.append({"prompt": plain, "response": answer, "pair_prompt": "", "pair_response": "",
+                "has_pair": False, "example_index": i})
+    text = rationales.get(ex.id)
+    if text is not None:
+      out.append({"prompt": tiny_cot_prompt(ex),
+                  "response": " " + text.strip() + ANSWER_JOINER + answer,
+                  "pair_prompt": plain, "pair_response": answer, "has_pair": True,
+                  "example_index": i})
+  return out
