@@ -11,9 +11,11 @@ Sections
   student / teacher  path: HF checkpoint dir, Hub name (online only) or gguf:<name>;
                      tiny: a name from cot2align_jax.training.tiny instead of a path (tests, demo);
                      dtype / param_dtype: compute / storage dtype; init: "pretrained" | "random";
+                     sharding: "rules" (logical-axis rules over the mesh) or "replicated";
                      valid_vocab_size: logits past it are -inf (0 = all rows, -1 = the tokenizer's
                      length when the embedding has padding rows, as Qwen's);
-                     lora: LoRA settings of the paper (recorded; enabled=True is not implemented).
+                     lora: LoRA of the student (rank, alpha, HF target module names; dropout is not
+                     applied); base weights frozen, A·B merged into them on export.
   data               dataset/split (cot2align_jax.data.sources registry), source (data dir, ""
                      = shared/data), rationales (JSONL {"id", "rationale"}, "" = no CoT records),
                      cot_rule, dev_split (dev evaluation), then the PipelineConfig fields
@@ -43,6 +45,9 @@ def model_section(path: str = "", dtype: str = "float32", param_dtype: str = "fl
       init="pretrained",
       remat=False,
       valid_vocab_size=0,
+      # "rules": sharded by the logical-axis rules over the mesh (FSDP/tensor) like the student;
+      # "replicated": a full copy on every device (small teachers; no gathers in the step).
+      sharding="rules",
       lora=ml_collections.ConfigDict(dict(
           enabled=False,
           rank=256,

@@ -20,7 +20,7 @@ METHODS = sorted(p.stem for p in (CONFIGS / "methods").glob("*.py"))
 
 
 def _convert(cfg):
-  """Every typed view of a config (LoRA switched off: it is recorded, not implemented)."""
+  """Every typed view of a config (LoRA switched off)."""
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   cfg.student.lora.enabled = False
   C.validate(cfg)
@@ -89,8 +89,7 @@ def test_paper_settings(name):
   assert cfg.student.lora.enabled == lora
   if lora:
     assert (cfg.student.lora.rank, cfg.student.lora.alpha) == (256, 8)
-    with pytest.raises(C.ConfigError, match="LoRA is not implemented yet"):
-      C.validate(cfg)
+    C.validate(cfg)  # LoRA enabled converts (tests/models/test_lora.py checks the mapping)
 
 
 @pytest.mark.parametrize("name,arg,rate", [("mistral_to_tinyllama", "mined", 0.5),
@@ -154,3 +153,13 @@ def test_cli_missing_model_path_is_one_line(tmp_path):
   assert lines[-1] == ("error: student.path: checkpoint not found: /nonexistent/model does not "
                        "exist"), proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_teacher_sharding_choice():
+  cfg = C.load_config(CONFIGS / "tiny.py", "cot2align")
+  assert C.model_spec(cfg, "teacher").sharding == "rules"
+  cfg.teacher.sharding = "replicated"
+  assert C.model_spec(cfg, "teacher").sharding == "replicated"
+  cfg.teacher.sharding = "mirrored"
+  with pytest.raises(C.ConfigError, match="sharding must be 'rules' or 'replicated'"):
+    C.model_spec(cfg, "teacher")

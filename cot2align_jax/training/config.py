@@ -26,7 +26,8 @@ import ml_collections
 # The top-level sections of every experiment config (configs/base.py) and the keys each one
 # has besides the dataclass fields it feeds.
 SECTIONS = ("student", "teacher", "data", "kd", "optim", "mesh", "checkpoint", "train")
-MODEL_KEYS = ("path", "tiny", "dtype", "param_dtype", "init", "remat", "valid_vocab_size", "lora")
+MODEL_KEYS = ("path", "tiny", "dtype", "param_dtype", "init", "remat", "valid_vocab_size", "lora",
+              "sharding")
 LORA_KEYS = ("enabled", "rank", "alpha", "dropout", "target_modules")
 DATA_KEYS = ("dataset", "split", "source", "max_examples", "rationales", "cot_rule",
              "dev_split", "dev_max_examples")
@@ -279,19 +280,56 @@ class ModelSpec:
   remat: bool = False
   valid_vocab_size: int = 0
   lora: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  sharding: str = "rules"
 
   def __post_init__(self):
     if self.init not in ("pretrained", "random"):
       raise ConfigError(f"init must be 'pretrained' or 'random', got {self.init!r}")
+    if self.sharding not in ("rules", "replicated"):
+      raise ConfigError(f"sharding must be 'rules' or 'replicated', got {self.sharding!r}")
+
+
+# HF (PEFT) target module names -> our projection names (models/layers.py). GPT-2's `c_proj`
+# names both the attention output and the MLP output projection (PEFT matches both).
+LORA_MODULES = {
+    "q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "o_proj": ("o",),
+    "gate_proj": ("gate",), "up_proj": ("up",), "down_proj": ("down",),
+    "c_attn": ("q", "k", "v"), "c_proj": ("o", "down"), "c_fc": ("up",),
+    **{n: (n,) for n in ("q", "k", "v", "o", "gate", "up", "down")},
+}
+
+
+def lora_overrides(spec: ModelSpec) -> dict[str, Any]:
+  """ModelConfig fields (lora_rank, lora_alpha, lora_targets) of `spec.lora`; {} when off.
+  LoRA dropout is not implemented (the value is accepted and ignored)."""
+  lora = dict(spec.lora or {})
+  if not lora.get("enabled"):
+    return {}
+  unknown = [m for m in lora.get("target_modules", ()) if m not in LORA_MODULES]
+  if unknown:
+    raise ConfigError(f"lora.target_modules: unknown module {unknown[0]!r}; known: "
+                      f"{', '.join(LORA_MODULES)}")
+  targets = {t for m in lora.get("target_modules", ()) for t in LORA_MODULES[m]}
+  rank = int(lora.get("rank", 0))
+  if rank < 1 or not targets:
+    raise ConfigError(f"lora.enabled=True needs rank >= 1 (got {rank}) and at least one "
+                      "target module")
+  return {"lora_rank": rank, "lora_alpha": float(lora.get("alpha", 8)),
+          "lora_targets": tuple(t for t in ("q", "k", "v", "o", "gate", "up", "down")
+                                if t in targets)}
 
 
 def model_spec(cfg: ml_collections.ConfigDict, side: str) -> ModelSpec:
-  """The student/teacher section as a ModelSpec; LoRA is recorded but not implemented yet."""
+  """The student/teacher section as a ModelSpec (LoRA is checked here; student only)."""
   values = section(cfg, side)
   spec = to_dataclass(ModelSpec, values, side)
-  if spec.lora and spec.lora.get("enabled"):
-    raise ConfigError(f"{side}.lora.enabled=True: LoRA is not implemented yet; run full "
-                      f"fine-tuning with --config.{side}.lora.enabled=False")
+  if spec.lora and spec.lora.get("enabled") and side != "student":
+    raise ConfigError(f"{side}.lora.enabled=True: the {side} is frozen; LoRA applies to the "
+                      "student only")
+  try:
+    lora_overrides(spec)
+  except ConfigError as e:
+    raise ConfigError(f"{side}.{e}") from None
   return spec
 
 

@@ -4,6 +4,8 @@
 
 What `train(config, workdir)` does, in order:
   1. checks the config (training/config.py: unknown keys, LoRA, method names → ConfigError);
+     with student.lora.enabled the student gets LoRA factors (ModelConfig.lora_*) and only
+     they and the projectors are trained (training/state.py); the export merges them;
   2. loads the tokenizers and models (`student.path` / `teacher.path` through models.hf, or the
      tiny problem of training/tiny.py when `*.tiny` is set); the teacher is frozen (its params
      are an argument of the step, never updated) and may be held in bf16; SFT loads no teacher;
@@ -86,6 +88,7 @@ def _model_overrides(spec_: C.ModelSpec, tokenizer) -> dict:
   out = {"dtype": spec_.dtype, "param_dtype": spec_.param_dtype}
   if spec_.remat:
     out["remat"] = True
+  out.update(C.lora_overrides(spec_))
   if spec_.valid_vocab_size > 0:
     out["valid_vocab_size"] = spec_.valid_vocab_size
   elif spec_.valid_vocab_size < 0 and tokenizer is not None:
@@ -100,7 +103,7 @@ def _load_hf_model(spec_: C.ModelSpec, tokenizer, seed: int):
     directory = hf.resolve_checkpoint(spec_.path)
     raw = json.loads((Path(directory) / "config.json").read_text())
     return hf.create_model(hf.config_from_hf(raw, **overrides), seed=seed)
-  return hf.from_pretrained(spec_.path, **overrides)
+  return hf.from_pretrained(spec_.path, seed=seed, **overrides)
 
 
 def _check_paths(student: C.ModelSpec, teacher: C.ModelSpec, needs_teacher: bool) -> None:
@@ -189,18 +192,27 @@ def _tiny_problem(config: ml_collections.ConfigDict, needs_teacher: bool,
   train_p = tiny.tiny_problem(config.data.max_examples or 64, seed=seed, **kw)
   if kd_cfg is not None and needs_teacher:
     _check_vocabularies(kd_cfg, train_p.student_tok, train_p.teacher_tok)
-  dev_records = []
+  train_records = train_p.records
+  if config.data.rationales:  # CoT records from a rationale file (generate_cot) instead
+    from cot2align_jax.data import sources  # pylint: disable=g-import-not-at-top
+    if not Path(config.data.rationales).is_file():
+      raise C.ConfigError(f"data.rationales: file not found: {config.data.rationales}")
+    examples = tiny.tiny_split_examples("train", config.data.max_examples or 64, seed=seed)
+    rationales = sources.import_rationales(config.data.rationales, examples, on_unknown="drop")
+    train_records = tiny.tiny_records(examples, rationales)
+  dev_records, dev_examples = [], []
   if config.data.dev_split:
     dev_p = tiny.tiny_problem(config.data.dev_max_examples or 16, seed=seed + 1, **kw)
     dev_records = [r for r in dev_p.records if not r["has_pair"]]
+    dev_examples = tiny.tiny_split_examples("dev", config.data.dev_max_examples or 16, seed=seed)
   s_cfg = train_p.student_cfg.replace(**_model_overrides(student_spec, None))
   student = hf.create_model(s_cfg, seed=int(config.train.seed))
   teacher = None
   if needs_teacher:
     t_cfg = train_p.teacher_cfg.replace(**_model_overrides(teacher_spec, None))
     teacher = hf.create_model(t_cfg, seed=int(config.train.seed) + 1)
-  return Problem(train_p.student_tok, train_p.teacher_tok, student, teacher, train_p.records,
-                 dev_records, [])
+  return Problem(train_p.student_tok, train_p.teacher_tok, student, teacher, train_records,
+                 dev_records, dev_examples)
 
 
 def build_problem(config: ml_collections.ConfigDict, needs_teacher: bool,
@@ -360,13 +372,19 @@ def _global_stop(flag: bool) -> bool:
 
 
 def _rouge_dev_metric_fn(problem: Problem, config, mesh) -> DevMetricFn:
-  from cot2align_jax.evaluation.evaluate import dev_rouge_l  # pylint: disable=g-import-not-at-top
+  from cot2align_jax.evaluation.evaluate import SamplingSettings, dev_rouge_l  # pylint: disable=g-import-not-at-top
+  kw = {}
+  if config.student.tiny:  # short prompts and lengths of the tiny problem
+    from cot2align_jax.training import tiny  # pylint: disable=g-import-not-at-top
+    kw = dict(prompt_fn=tiny.tiny_plain_prompt,
+              settings=SamplingSettings(max_length=int(config.data.max_len),
+                                        max_prompt_length=int(config.data.max_prompt)))
 
   def fn(model, step):
     del step
     return {"rouge_l": dev_rouge_l(model, problem.student_tok, problem.dev_examples,
                                    seed=int(config.train.seed), mesh=mesh,
-                                   max_examples=config.data.dev_max_examples or None)}
+                                   max_examples=config.data.dev_max_examples or None, **kw)}
   return fn
 
 
@@ -445,7 +463,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     teacher_gd, teacher_params = state_lib.split_params(problem.teacher)
     problem.student = problem.teacher = None  # the state holds the arrays now
     s_shard = mesh_lib.state_shardings(state, mesh)
-    t_shard = mesh_lib.state_shardings(teacher_params, mesh)
+    t_shard = (jax.tree_util.tree_map(lambda _: mesh_lib.replicated(mesh), teacher_params)
+               if C.model_spec(config, "teacher").sharding == "replicated"
+               else mesh_lib.state_shardings(teacher_params, mesh))
     state = jax.device_put(state, s_shard)
     teacher_params = jax.device_put(teacher_params, t_shard)
 
@@ -469,8 +489,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         teacher_shardings=t_shard, vocab_map=vocab_map)
     if dev_metric_fn is None and config.train.dev_metric == "rouge_l":
       if not problem.dev_examples:
-        raise C.ConfigError("train.dev_metric=rouge_l needs dev examples (data.dev_split of a "
-                            "registered data set; the tiny problem has none)")
+        raise C.ConfigError("train.dev_metric=rouge_l needs dev examples (data.dev_split)")
       dev_metric_fn = _rouge_dev_metric_fn(problem, config, mesh)
 
     writer = MetricWriter(workdir, start_step if resumed else None)

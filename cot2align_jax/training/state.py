@@ -12,7 +12,16 @@ Optimizer (METHOD.md §5): global-norm clipping over all trainable parameters (s
 projectors together, as torch's clip_grad_norm_ over the optimizer's parameters), then
 `optax.multi_transform` with one AdamW per group: the student at `lr` and the projectors at
 `proj_lr` (1e-3 in the paper), each on the same schedule shape; weight decay on every parameter
-except biases and norm scales (names ending in "bias", or "scale", by path). Gradient
+except biases and norm scales (names ending in "bias", or "scale", by path).
+
+LoRA: when the student holds `LoRAParam`s (models/layers.py, ModelConfig.lora_rank > 0), only
+they (and the projectors) are trained: every other student leaf is labelled "frozen", its
+gradient is zeroed before the clipping (so the global norm covers trainable leaves only) and its
+update is `optax.set_to_zero()` (no AdamW moments, no weight decay, the weight stays bitwise
+unchanged). The LoRA factors get AdamW with weight decay like any other weight (as the paper's
+PEFT + AdamW setup). The frozen weights stay in `TrainState.params` (the step merges one tree);
+the model reads them through stop_gradient, so no weight gradient is computed for them, but
+their (zero) gradient buffers may still be materialised. Gradient
 accumulation over `accumulate` micro-batches happens inside the train step (training/steps.py),
 which then calls the optimizer once with the exactly weighted gradient; `make_optimizer(...,
 multisteps=True)` gives the optax.MultiSteps alternative (one micro-batch per call, gradients
@@ -31,6 +40,7 @@ import optax
 from flax import nnx
 
 SCHEDULES = ("cosine", "linear", "constant")
+FROZEN = "frozen"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +124,36 @@ def decay_mask(tree) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, _: not no_decay(_path_names(p)), tree)
 
 
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
 def _labels(tree) -> dict:
-  return {k: jax.tree.map(lambda _: k, v) for k, v in tree.items()}
+  """The group of every leaf: its top-level key ("student" / "proj"), or FROZEN for the
+  student's non-LoRA leaves when the student has LoRA factors."""
+  from cot2align_jax.models.layers import LoRAParam  # pylint: disable=g-import-not-at-top
+  out = {}
+  for k, v in tree.items():
+    lora = k == "student" and any(isinstance(n, LoRAParam)
+                                  for n in jax.tree.leaves(v, is_leaf=_is_var))
+
+    def label(node, k=k, lora=lora):
+      name = k if not lora or isinstance(node, LoRAParam) else FROZEN
+      return jax.tree.map(lambda _: name, node)
+    out[k] = jax.tree.map(label, v, is_leaf=_is_var)
+  return out
+
+
+def _clip_trainable(max_norm: float) -> optax.GradientTransformation:
+  """clip_by_global_norm over the trainable leaves (frozen gradients are zeroed first); the
+  same (empty) state as clip_by_global_norm."""
+  clip = optax.clip_by_global_norm(max_norm)
+
+  def update(updates, state, params=None):
+    frozen = jax.tree.map(lambda label: label == FROZEN, _labels(updates))
+    updates = jax.tree.map(lambda f, u: jnp.zeros_like(u) if f else u, frozen, updates)
+    return clip.update(updates, state, params)
+  return optax.GradientTransformation(clip.init, update)
 
 
 def _adamw(cfg: OptimConfig, peak: float) -> optax.GradientTransformation:
@@ -125,7 +163,8 @@ def _adamw(cfg: OptimConfig, peak: float) -> optax.GradientTransformation:
 
 def make_optimizer(cfg: OptimConfig, params=None, proj=None, *,
                    multisteps: bool = False) -> optax.GradientTransformation:
-  """clip(global norm) -> multi_transform({student: AdamW(lr), proj: AdamW(proj_lr)}).
+  """clip(global norm of the trainable leaves) -> multi_transform({student: AdamW(lr),
+  proj: AdamW(proj_lr), frozen: set_to_zero}) (frozen = LoRA's base weights; see module doc).
 
   Applies to the tree {"student": params, "proj": proj} (TrainState.trainable). `params` and
   `proj` are accepted for the contract (the labels are derived from the tree's top-level keys).
@@ -134,9 +173,10 @@ def make_optimizer(cfg: OptimConfig, params=None, proj=None, *,
   del params, proj
   parts = []
   if cfg.clip_norm is not None and cfg.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(_clip_trainable(cfg.clip_norm))
   parts.append(optax.multi_transform({"student": _adamw(cfg, cfg.lr),
-                                      "proj": _adamw(cfg, cfg.proj_lr)}, _labels))
+                                      "proj": _adamw(cfg, cfg.proj_lr),
+                                      FROZEN: optax.set_to_zero()}, _labels))
   tx = optax.chain(*parts)
   if multisteps and cfg.accumulate > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.accumulate)

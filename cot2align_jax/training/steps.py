@@ -116,7 +116,8 @@ def make_forward(student_graphdef, teacher_graphdef, proj_graphdef, method: Meth
       if need_t_pair:
         t_out["pair"] = ModelOutput(None, jax.lax.stop_gradient(tp), None)
     inputs = LossInputs(batch=batch, student=s_out, teacher=t_out,
-                        student_embed=student.embed[...], student_head=student.output_matrix(),
+                        student_embed=jax.lax.stop_gradient(student.embed[...]),
+                        student_head=student.output_matrix(),
                         teacher_embed=teacher_embed, teacher_head=teacher_head,
                         vocab_map=vmap_arr)
     return objective(method, kd_cfg, inputs, projectors)

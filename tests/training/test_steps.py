@@ -202,7 +202,9 @@ def test_pair_forwards_behind_cond(prob, models, batches):
   assert pair, conds
   off = _pair_conds(jax.make_jaxpr(su.train_step(jit=False, pair_saving=False))(
       su.state, su.teacher_params, batch).jaxpr)
-  assert not [c for c in off if min(c) == 0 and max(c) > 0], off
+  # the OT block's cross terms have their own skip-cond (losses/ot.py); pair_saving adds the
+  # forward one on top
+  assert len([c for c in off if min(c) == 0 and max(c) > 0]) < len(pair), (off, pair)
   assert steps_lib.pair_views_needed(su.method, su.kd_cfg) == (True, True)
   sft = _setup(prob, models, "sft")
   assert steps_lib.pair_views_needed(sft.method, sft.kd_cfg) == (False, False)
