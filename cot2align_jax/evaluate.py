@@ -30,6 +30,8 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from cot2align_jax.training.restore import student_from_checkpoint
+
 FLAGS = flags.FLAGS
 
 
@@ -109,93 +111,6 @@ def cli_config():
   return config
 
 
-def _tiny_problem(config):
-  from cot2align_jax.training import loop, tiny
-  s_dims = loop._tiny_dims(config.student.tiny or "", "student")  # pylint: disable=protected-access
-  t_dims = loop._tiny_dims(config.teacher.tiny or "", "teacher")  # pylint: disable=protected-access
-  return tiny.tiny_problem(8, student_d=s_dims.get("d", 32), teacher_d=t_dims.get("d", 48),
-                           layers=s_dims.get("layers", 2))
-
-
-def config_model(config, side: str, *, pretrained: bool = True):
-  """(model, tokenizer, label) of config.<side>: the tiny problem's model (initialised as the
-  training loop does: student seed train.seed, teacher train.seed + 1) or student/teacher.path
-  (with pretrained=False: randomly initialised from its config.json, for checkpoint restores)."""
-  import json
-  from cot2align_jax.models import hf
-  from cot2align_jax.training import config as C
-  spec = C.model_spec(config, side)
-  seed = int(config.train.seed) + (1 if side == "teacher" else 0)
-  if spec.tiny:
-    prob = _tiny_problem(config)
-    cfg = prob.student_cfg if side == "student" else prob.teacher_cfg
-    tok = prob.student_tok if side == "student" else prob.teacher_tok
-    cfg = cfg.replace(dtype=spec.dtype, param_dtype=spec.param_dtype)
-    return hf.create_model(cfg, seed=seed), tok, f"tiny:{side}:{spec.tiny}"
-  if not spec.path:
-    raise UsageError(f"{side}.path is empty: set --config.{side}.path (or {side}.tiny)")
-  tok = hf.load_tokenizer(spec.path)
-  if pretrained and spec.init == "pretrained":
-    model = hf.from_pretrained(spec.path, dtype=spec.dtype, param_dtype=spec.param_dtype)
-  else:
-    raw = json.loads((hf.resolve_checkpoint(spec.path) / "config.json").read_text())
-    model = hf.create_model(hf.config_from_hf(raw, dtype=spec.dtype,
-                                              param_dtype=spec.param_dtype), seed=seed)
-  return model, tok, spec.path
-
-
-def _teacher_width(config) -> int:
-  import json
-  from cot2align_jax.models import hf
-  if config.teacher.tiny:
-    return _tiny_problem(config).teacher_cfg.hidden_size
-  raw = json.loads((hf.resolve_checkpoint(config.teacher.path) / "config.json").read_text())
-  return hf.config_from_hf(raw).hidden_size
-
-
-def student_from_checkpoint(config, ckpt_dir, which: str = "latest"):
-  """(model, tokenizer, step) of the student in a training run's checkpoint directory: builds
-  the train state as training/loop.py does and restores it read-only (latest, best or a step)."""
-  from flax import nnx
-  from cot2align_jax.losses.methods import build_projectors, method_from_config
-  from cot2align_jax.training import checkpoint as ckpt_lib
-  from cot2align_jax.training import config as C
-  from cot2align_jax.training import state as state_lib
-  if not Path(ckpt_dir).is_dir():
-    raise UsageError(f"no export and no checkpoint directory {ckpt_dir}")
-  method = method_from_config(C.kd_config(config))
-  student, tok, _ = config_model(config, "student", pretrained=False)
-  d_s = student.config.hidden_size
-  d_t = _teacher_width(config) if method.needs_teacher else d_s
-  seed = int(config.train.seed)
-  projectors = build_projectors(method, d_s, d_t, rngs=nnx.Rngs(seed))
-  total = max(int(config.optim.total_steps), int(config.train.steps),
-              int(config.optim.warmup_steps) + 1, 1)
-  opt_cfg = C.optim_config(config, total_steps=total)
-  optimizer = state_lib.make_optimizer(opt_cfg)
-  state, (student_gd, _) = state_lib.init_state(student, projectors, opt_cfg, seed=seed,
-                                                optimizer=optimizer)
-  ckpt = ckpt_lib.Checkpointer(ckpt_dir, C.checkpoint_config(config), read_only=True)
-  try:
-    step = None
-    if which == "best":
-      step = ckpt.best_step()
-      if step is None:
-        raise UsageError(f"{ckpt_dir}: no best checkpoint (checkpoint.best_metric unset or "
-                         "never reported)")
-    elif which != "latest":
-      try:
-        step = int(which)
-      except ValueError:
-        raise UsageError(f"--checkpoint must be latest, best or a step, got {which!r}") from None
-    step, state, _ = ckpt.restore(ckpt_lib.abstract_like(state), step=step)
-  except ckpt_lib.CheckpointError as e:
-    raise UsageError(str(e).split("\n")[0]) from None
-  finally:
-    ckpt.close()
-  return nnx.merge(student_gd, state.params), tok, step
-
-
 def config_examples(config, name: str, split: str, max_examples: int | None):
   """Examples of one set: the tiny problem's splits for "tiny", else the data registry."""
   if name == "tiny":
@@ -209,10 +124,17 @@ def config_examples(config, name: str, split: str, max_examples: int | None):
 
 def prompt_fns(name: str):
   """(plain prompt fn, CoT prompt fn) of a set: the tiny problem's short prompts for "tiny",
-  else (None, None) = the Alpaca templates of data.records."""
+  the "qa" template's for sets registered with it (arith), else (None, None) = the Alpaca
+  templates of data.records."""
   if name == "tiny":
     from cot2align_jax.training import tiny
     return tiny.tiny_plain_prompt, tiny.tiny_cot_prompt
+  from cot2align_jax.data.records import get_template
+  from cot2align_jax.data.sources import DATASETS
+  spec = DATASETS.get(name)
+  if spec is not None and spec.template != "alpaca":
+    template = get_template(spec.template)
+    return template.plain, template.cot
   return None, None
 
 
@@ -247,7 +169,9 @@ def run_cli(body) -> None:
   """Runs body(); known input errors become one line on stderr and exit status 2."""
   from cot2align_jax.data.records import DataError
   from cot2align_jax.models.config import ModelError
+  from cot2align_jax.training.mesh import maybe_initialize_distributed
   try:
+    maybe_initialize_distributed()  # one process of a multi-host job: join it first
     body()
   except (UsageError, DataError, ModelError, ValueError, KeyError, OSError) as err:
     msg = err.args[0] if isinstance(err, KeyError) and err.args else err
@@ -304,7 +228,7 @@ def _evaluate() -> None:
     split = split or FLAGS.split or _test_split(name)
     fn = prompt_fns(name)[0]
     if sets and fn is not prompt_fn:
-      raise UsageError("the tiny set cannot be mixed with other sets (different prompts)")
+      raise UsageError(f"{name} cannot be mixed with sets that use other prompts")
     prompt_fn = fn
     sets[f"{name}/{split}"] = config_examples(config, name, split, FLAGS.max_examples)
   if not sets:

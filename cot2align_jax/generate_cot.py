@@ -30,9 +30,10 @@ import sys
 
 from absl import app, flags
 
-from cot2align_jax.evaluate import (UsageError, cli_config, config_examples, config_model,
-                                    data_mesh, define_common_flags, load_model_and_tokenizer,
-                                    prompt_fns, run_cli, sampling_settings)
+from cot2align_jax.evaluate import (UsageError, cli_config, config_examples, data_mesh,
+                                    define_common_flags, load_model_and_tokenizer, prompt_fns,
+                                    run_cli, sampling_settings)
+from cot2align_jax.training.restore import config_model
 
 FLAGS = flags.FLAGS
 

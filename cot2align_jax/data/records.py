@@ -43,6 +43,10 @@ COT_TEMPLATE = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n"
     "### Response:\nLet's think step by step.\n")
 COT_ANSWER_JOINER = "\nTherefore, the answer is: "
+# The short question/answer template of the synthetic sets (data/arith.py): the response
+# starts with a space (" 6") so that the prompt never ends in whitespace.
+QA_PLAIN_TEMPLATE = "Q: {input}\nA:"
+QA_COT_TEMPLATE = "Q: {input}\nA: Let's think step by step."
 
 RecordKind = Literal["plain", "cot"]
 CotRule = Union[Literal["nonempty_input", "all", "none"], Callable[["Example"], bool]]
@@ -104,6 +108,45 @@ def cot_response(rationale: str, answer: str) -> str:
   return rationale + COT_ANSWER_JOINER + answer
 
 
+def qa_plain_prompt(example: Example) -> str:
+  """The "qa" template's plain prompt: "Q: <input>\\nA:"."""
+  return QA_PLAIN_TEMPLATE.format(input=example.input)
+
+
+def qa_cot_prompt(example: Example) -> str:
+  """The "qa" template's CoT prompt: "Q: <input>\\nA: Let's think step by step."."""
+  return QA_COT_TEMPLATE.format(input=example.input)
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  """How an example becomes prompts and responses.
+
+  plain / cot: the plain and CoT prompt of an example; response_prefix: put before the plain
+  answer and before the CoT response (" " for "qa", whose prompts end in "A:" / "step.").
+  """
+
+  name: str
+  plain: Callable[[Example], str]
+  cot: Callable[[Example], str]
+  response_prefix: str = ""
+
+
+TEMPLATES: dict[str, Template] = {
+    "alpaca": Template("alpaca", plain_prompt, cot_prompt),
+    "qa": Template("qa", qa_plain_prompt, qa_cot_prompt, response_prefix=" "),
+}
+
+
+def get_template(name: str | Template) -> Template:
+  """A Template by name ("alpaca", "qa"); ValueError naming the known ones."""
+  if isinstance(name, Template):
+    return name
+  if name not in TEMPLATES:
+    raise ValueError(f"unknown prompt template {name!r}; known: {', '.join(TEMPLATES)}")
+  return TEMPLATES[name]
+
+
 @dataclasses.dataclass(frozen=True)
 class Record:
   """One training record: a main view and, for CoT records, the paired plain view.
@@ -146,17 +189,21 @@ class RecordList(list):
   report: BuildReport
 
 
-def plain_record(example: Example, index: int = -1) -> Record:
+def plain_record(example: Example, index: int = -1,
+                 template: str | Template = "alpaca") -> Record:
   """The plain record of an example: plain prompt + first reference, no pair."""
-  return Record(example_id=example.id, kind="plain", prompt=plain_prompt(example),
-                response=example.output, example_index=index)
+  t = get_template(template)
+  return Record(example_id=example.id, kind="plain", prompt=t.plain(example),
+                response=t.response_prefix + example.output, example_index=index)
 
 
-def cot_record(example: Example, rationale: str, index: int = -1) -> Record:
+def cot_record(example: Example, rationale: str, index: int = -1,
+               template: str | Template = "alpaca") -> Record:
   """The CoT record: CoT prompt + rationale/answer, paired with the plain view."""
-  return Record(example_id=example.id, kind="cot", prompt=cot_prompt(example),
-                response=cot_response(rationale, example.output),
-                pair_prompt=plain_prompt(example), pair_response=example.output,
+  t = get_template(template)
+  return Record(example_id=example.id, kind="cot", prompt=t.cot(example),
+                response=t.response_prefix + cot_response(rationale, example.output),
+                pair_prompt=t.plain(example), pair_response=t.response_prefix + example.output,
                 has_pair=True, example_index=index)
 
 
@@ -171,20 +218,24 @@ def cot_selector(cot_rule: CotRule) -> Callable[[Example], bool]:
 
 
 def build_records(examples: Iterable[Example], rationales: Mapping[str, str] | None = None, *,
-                  cot_rule: CotRule = "nonempty_input") -> RecordList:
+                  cot_rule: CotRule = "nonempty_input",
+                  template: str | Template = "alpaca") -> RecordList:
   """Plain records for every example, CoT records where the rule and a rationale allow.
+
+  `template`: "alpaca" (the instruction sets) or "qa" (the synthetic arithmetic set).
 
   Records come in example order, the plain record of an example before its CoT record. The
   returned list has a `.report` (`BuildReport`) of skipped empty outputs and missing rationales.
   """
   wants_cot = cot_selector(cot_rule)
+  template = get_template(template)
   rationales = rationales or {}
   out, report = RecordList(), BuildReport()
   for index, example in enumerate(examples):
     if not example.output.strip():
       report.empty_output.append(example.id)
       continue
-    out.append(plain_record(example, index))
+    out.append(plain_record(example, index, template))
     report.n_plain += 1
     if not wants_cot(example):
       continue
@@ -192,7 +243,7 @@ def build_records(examples: Iterable[Example], rationales: Mapping[str, str] | N
     if not rationale.strip():
       report.missing_rationale.append(example.id)
       continue
-    out.append(cot_record(example, rationale, index))
+    out.append(cot_record(example, rationale, index, template))
     report.n_cot += 1
   _log_report(report)
   out.report = report

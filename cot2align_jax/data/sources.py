@@ -39,6 +39,9 @@ class DatasetSpec:
   splits: tuple[str, ...]
   layout: Literal["alpaca", "gsm8k"] = "alpaca"
   test_split: str = "valid"
+  template: Literal["alpaca", "qa"] = "alpaca"     # prompts (data.records.TEMPLATES)
+  metric: Literal["rougeL", "exact_match"] = "rougeL"   # evaluation metric of the test split
+  shared: bool = True      # staged in ../shared/data (False: generated, e.g. by the demo)
 
   def path(self, data_dir: Path, split: str) -> Path:
     """The JSONL file of one split."""
@@ -54,7 +57,12 @@ DATASETS: dict[str, DatasetSpec] = {
     "alpaca": DatasetSpec("alpaca", ("dev", "test"), test_split="test"),
     "dialogsum": DatasetSpec("dialogsum", ("dev", "test"), test_split="test"),
     "sni_selfinstruct": DatasetSpec("sni_selfinstruct", ("dev", "test"), test_split="test"),
-    "gsm8k": DatasetSpec("gsm8k", ("train", "test"), layout="gsm8k", test_split="test"),
+    "gsm8k": DatasetSpec("gsm8k", ("train", "test"), layout="gsm8k", test_split="test",
+                         metric="exact_match"),
+    # The synthetic multi-step arithmetic set of the demo (data/arith.py writes it; not in
+    # ../shared): short "Q: ... A:" prompts, exact match of the final number.
+    "arith": DatasetSpec("arith", ("train", "dev", "test"), test_split="test", template="qa",
+                         metric="exact_match", shared=False),
 }
 
 
@@ -174,7 +182,8 @@ def read_examples(name: str, split: str, *, source: str | Path | None = None,
     raise KeyError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(spec.splits)}")
   path = spec.path(data_dir(source), split)
   if not path.is_file():
-    raise DataError(f"{path}: file not found for {name}/{split}")
+    hint = "" if spec.shared else " (a generated set: python -m cot2align_jax.demo writes it)"
+    raise DataError(f"{path}: file not found for {name}/{split}{hint}")
   read = read_jsonl(path, on_error=on_error, max_rows=max_examples)
   if read.skipped:
     log.warning("%s: skipped %d malformed lines", path, read.skipped)
@@ -185,8 +194,8 @@ def read_examples(name: str, split: str, *, source: str | Path | None = None,
 
 def iter_all_splits(names: Iterable[str] | None = None, *,
                     source: str | Path | None = None) -> Iterator[tuple[str, str, list[Example]]]:
-  """(name, split, examples) for every split of the given (default: all) data sets."""
-  for name in names or DATASETS:
+  """(name, split, examples) for every split of the given (default: all staged) data sets."""
+  for name in names or [n for n, spec in DATASETS.items() if spec.shared]:
     for split in dataset_spec(name).splits:
       yield name, split, read_examples(name, split, source=source)
 

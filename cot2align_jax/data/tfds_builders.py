@@ -42,7 +42,8 @@ from cot2align_jax.data.records import DataError, Example
 from cot2align_jax.data.sources import (DATASETS, data_dir, gsm8k_final_answer,
                                         import_rationales, read_examples)
 
-INSTRUCTION_SETS = tuple(name for name, spec in DATASETS.items() if spec.layout == "alpaca")
+INSTRUCTION_SETS = tuple(name for name, spec in DATASETS.items()
+                         if spec.layout == "alpaca" and spec.shared)
 _MANUAL_INSTRUCTIONS = ("Point manual_dir (or the config's source_dir) at a directory laid out "
                         "like shared/data (see shared/data/README.md).")
 

@@ -260,8 +260,11 @@ class TextGenerator:
 # ---------------------------------------------------------------------------------------------
 
 def metric_for(examples: Sequence[Example]) -> str:
-  """"exact_match" for GSM8K examples, else "rougeL"."""
-  return "exact_match" if examples and examples[0].dataset == "gsm8k" else "rougeL"
+  """The registered metric of the examples' data set ("exact_match" for GSM8K and the
+  synthetic arithmetic set), else "rougeL"."""
+  from cot2align_jax.data.sources import DATASETS  # pylint: disable=g-import-not-at-top
+  spec = DATASETS.get(examples[0].dataset) if examples else None
+  return spec.metric if spec is not None else "rougeL"
 
 
 def score_texts(examples: Sequence[Example], texts: Sequence[str],

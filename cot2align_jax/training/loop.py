@@ -146,7 +146,8 @@ def _read_records(config: ml_collections.ConfigDict):
     raise C.ConfigError("kd.method=cot2align needs CoT rationales: set --config.data.rationales="
                         "<JSONL of {id, rationale}> (python -m cot2align_jax.generate_cot writes "
                         "one), or --config.data.cot_rule=none to train without CoT records")
-  train_records = R.build_records(examples, rationales, cot_rule=d.cot_rule)
+  template = sources.dataset_spec(d.dataset).template
+  train_records = R.build_records(examples, rationales, cot_rule=d.cot_rule, template=template)
   dev_examples, dev_records = [], []
   if d.dev_split:
     try:
@@ -154,7 +155,7 @@ def _read_records(config: ml_collections.ConfigDict):
                                            max_examples=d.dev_max_examples or None)
     except KeyError as e:
       raise C.ConfigError(f"data.dev_split: {e.args[0] if e.args else e}") from None
-    dev_records = R.build_records(dev_examples, None, cot_rule="none")
+    dev_records = R.build_records(dev_examples, None, cot_rule="none", template=template)
   return train_records, dev_records, dev_examples
 
 
@@ -379,6 +380,11 @@ def _rouge_dev_metric_fn(problem: Problem, config, mesh) -> DevMetricFn:
     kw = dict(prompt_fn=tiny.tiny_plain_prompt,
               settings=SamplingSettings(max_length=int(config.data.max_len),
                                         max_prompt_length=int(config.data.max_prompt)))
+  else:
+    from cot2align_jax.data import records, sources  # pylint: disable=g-import-not-at-top
+    template = records.get_template(sources.dataset_spec(config.data.dataset).template)
+    if template.name != "alpaca":
+      kw = dict(prompt_fn=template.plain)
 
   def fn(model, step):
     del step

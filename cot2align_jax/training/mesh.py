@@ -181,10 +181,20 @@ def shard_batch(np_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax
 
 def maybe_initialize_distributed() -> bool:
   """Calls `jax.distributed.initialize()` when the environment says this is one process of a
-  multi-process job (a TPU pod slice, or JAX_COORDINATOR_ADDRESS / SLURM / Open MPI settings);
-  returns whether it did. Must run before anything touches the devices."""
+  multi-process job, and returns whether jax.distributed is (now) initialised. Must run before
+  anything touches the devices.
+
+  Multi-process when: JAX_NUM_PROCESSES > 1 (with JAX_COORDINATOR_ADDRESS and JAX_PROCESS_ID on
+  GPU clusters; on a Cloud TPU pod slice JAX_NUM_PROCESSES alone is enough: jax reads the rest
+  from the TPU metadata), JAX_COORDINATOR_ADDRESS set, TPU_WORKER_HOSTNAMES listing several
+  hosts (GKE), Slurm or Open MPI with several tasks, or COT2ALIGN_DISTRIBUTED=1. The JAX_*
+  values are passed explicitly (jax's own environment detection does not read the count or
+  the id); what is unset is auto-detected by jax (TPU metadata, Slurm, Open MPI).
+  """
   env = os.environ
-  multi = bool(env.get("JAX_COORDINATOR_ADDRESS"))
+  if jax.distributed.is_initialized():
+    return True
+  multi = bool(env.get("JAX_COORDINATOR_ADDRESS")) or env.get("COT2ALIGN_DISTRIBUTED") == "1"
   if env.get("TPU_WORKER_HOSTNAMES") and len(env["TPU_WORKER_HOSTNAMES"].split(",")) > 1:
     multi = True
   if int(env.get("SLURM_NTASKS", "1") or 1) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")
@@ -194,11 +204,14 @@ def maybe_initialize_distributed() -> bool:
     multi = True
   if not multi:
     return False
-  try:
-    jax.distributed.initialize()
-  except RuntimeError as e:  # already initialised
-    if "already" not in str(e).lower():
-      raise
+  kwargs = {}
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+  if env.get("JAX_NUM_PROCESSES"):
+    kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+  if env.get("JAX_PROCESS_ID"):
+    kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+  jax.distributed.initialize(**kwargs)
   _log.info("jax.distributed: process %d of %d, %d local / %d global devices",
             jax.process_index(), jax.process_count(), jax.local_device_count(),
             jax.device_count())

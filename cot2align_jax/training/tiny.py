@@ -38,7 +38,6 @@ OBJECTS = ("apples", "pens", "books", "coins", "eggs", "cards")
 PLAIN_PROMPT = "Q: {question}\nA:"
 COT_PROMPT = "Q: {question}\nA: Let's think step by step."
 ANSWER_JOINER = " Therefore, the answer is:"
-SPECIALS = ("<pad>", "</s>", "<unk>")
 
 
 def make_problem_text(rng: np.random.RandomState) -> dict[str, str]:
@@ -75,36 +74,15 @@ def _texts(problems) -> list[str]:
   return out
 
 
-def _wrap(tok, name: str):
-  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
-                                 unk_token="<unk>")
-  fast.name_or_path = name
-  return fast
-
-
 @functools.lru_cache(maxsize=4)
 def train_tokenizers(student_vocab: int = 384, teacher_vocab: int = 200, seed: int = 0,
                      n_corpus: int = 2000):
   """(student byte-level BPE "Ġ", teacher SentencePiece-style BPE "▁") HF fast tokenizers
   trained on the corpus (the teacher's has no byte fallback; the corpus is ASCII)."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # pylint: disable=g-import-not-at-top
+  from cot2align_jax.data import toy_tokenizers as tt  # pylint: disable=g-import-not-at-top
   texts = _texts(make_corpus(n_corpus, seed))
-
-  bpe = Tokenizer(models.BPE())
-  bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  bpe.decoder = decoders.ByteLevel()
-  bpe.post_processor = processors.ByteLevel(trim_offsets=False)
-  bpe.train_from_iterator(texts, trainers.BpeTrainer(
-      vocab_size=student_vocab, special_tokens=list(SPECIALS), show_progress=False,
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-
-  sp = Tokenizer(models.BPE(unk_token="<unk>"))
-  sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-  sp.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-  sp.train_from_iterator(texts, trainers.BpeTrainer(
-      vocab_size=teacher_vocab, special_tokens=list(SPECIALS), show_progress=False))
-  return _wrap(bpe, "tiny-student-bpe"), _wrap(sp, "tiny-teacher-metaspace-bpe")
+  return (tt.train_byte_bpe(texts, student_vocab, name="tiny-student-bpe"),
+          tt.train_metaspace_bpe(texts, teacher_vocab, name="tiny-teacher-metaspace-bpe"))
 
 
 def _round8(n: int) -> int:

@@ -57,7 +57,35 @@ def test_maybe_initialize_distributed_single_host(monkeypatch):
     init.assert_not_called()
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
     assert mesh_lib.maybe_initialize_distributed() is True
-    init.assert_called_once()
+    init.assert_called_once_with(coordinator_address="10.0.0.1:1234")
+
+
+def test_maybe_initialize_distributed_passes_jax_env(monkeypatch):
+  """jax's own detection reads the coordinator but not the process count / id: both are passed;
+  a TPU pod slice sets only JAX_NUM_PROCESSES (the rest comes from the TPU metadata)."""
+  for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS",
+            "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+            "COT2ALIGN_DISTRIBUTED"):
+    monkeypatch.delenv(k, raising=False)
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "3")
+  with mock.patch.object(jax.distributed, "initialize") as init, \
+       mock.patch.object(jax, "process_index", return_value=3), \
+       mock.patch.object(jax, "process_count", return_value=4):
+    assert mesh_lib.maybe_initialize_distributed() is True
+    init.assert_called_once_with(coordinator_address="10.0.0.1:1234", num_processes=4,
+                                 process_id=3)
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+  monkeypatch.delenv("JAX_PROCESS_ID")
+  with mock.patch.object(jax.distributed, "initialize") as init, \
+       mock.patch.object(jax, "process_count", return_value=4):
+    assert mesh_lib.maybe_initialize_distributed() is True
+    init.assert_called_once_with(num_processes=4)
+  with mock.patch.object(jax.distributed, "is_initialized", return_value=True), \
+       mock.patch.object(jax.distributed, "initialize") as init:
+    assert mesh_lib.maybe_initialize_distributed() is True
+    init.assert_not_called()
 
 
 @needs8

@@ -1,0 +1,136 @@
+"""The embedded demo (README command 1) at its reduced size, as a user runs it: a subprocess of
+`python -m cot2align_jax.demo --size=ci`, with no ../shared and no network. Checks its table,
+JSON and plots, recounts every accuracy from the saved generations, and checks that a rerun
+resumes (every stage kept) and that bad flags fail in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("sft", "uld", "dskd_cma", "cot2align")
+NUMBER = re.compile(r"-?\d+")
+
+
+def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+  env = dict(os.environ, COT2ALIGN_NO_PROGRESS="1", JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+             COT2ALIGN_SHARED="/nonexistent/shared")   # the demo needs nothing from ../shared
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "cot2align_jax.demo", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("demo")
+  proc = _run(f"--workdir={workdir}", "--size=ci", f"--methods={','.join(METHODS)}")
+  assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+  return workdir, proc
+
+
+def _recount(generations: Path, test_file: Path, answer_after_marker: bool) -> float:
+  """Exact match (%) recomputed here: the final answer is the first number after the last
+  "answer is" (CoT) or the first number of the output (plain prompt)."""
+  golds = [json.loads(l)["output"] for l in test_file.read_text().splitlines() if l.strip()]
+  preds = {}
+  for line in generations.read_text().splitlines():
+    row = json.loads(line)
+    preds[row["id"]] = row["prediction"]
+  assert len(preds) == len(golds)
+  hits = 0
+  for i, gold in enumerate(golds):
+    text = preds[f"arith/test/{i}"]
+    if answer_after_marker and "answer is" in text:
+      text = text.rsplit("answer is", 1)[1]
+    found = NUMBER.findall(text)
+    if answer_after_marker and "answer is" not in preds[f"arith/test/{i}"]:
+      found = found[-1:]  # no marker: the last number, as evaluation/gsm8k.py does
+    hits += bool(found) and found[0] == gold
+  return 100.0 * hits / len(golds)
+
+
+def test_demo_writes_table_json_and_plots(demo_run):
+  workdir, proc = demo_run
+  out = proc.stdout
+  for stage in ("[1/6] data", "[2/6] teacher", "[3/6] rationales", "[4/6] students",
+                "[5/6] evaluate", "[6/6] report"):
+    assert stage in out
+  payload = json.loads((workdir / "demo_results.json").read_text())
+  assert payload["size"] == "ci" and payload["methods"] == list(METHODS)
+  names = [r["method"] for r in payload["results"]]
+  assert names == ["teacher", "teacher"] + list(METHODS)
+  assert [r["prompt"] for r in payload["results"]] == ["cot", "plain"] + ["plain"] * 4
+  md = (workdir / "demo_results.md").read_text()
+  for r in payload["results"]:
+    assert f"| {r['model']} |" in md and f"| {r['accuracy']:.1f} |" in md
+  assert payload["models"]["teacher"]["vocab"] != payload["models"]["student"]["vocab"]
+  assert payload["models"]["teacher"]["params"] > payload["models"]["student"]["params"]
+  for name in ("training_curves", "accuracy", "ot_plan"):
+    png = workdir / "plots" / f"{name}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert payload["plots"][name] == str(png)
+  # every training run logged its curve and exported a Hugging Face checkpoint
+  for role in ("teacher",) + tuple(f"students/{m}" for m in METHODS):
+    assert (workdir / role / "metrics.jsonl").stat().st_size > 0
+    assert (workdir / role / "export" / "config.json").is_file()
+  assert payload["timings_s"]["total"] > 0
+
+
+def test_demo_accuracies_are_recounted_from_the_generations(demo_run):
+  workdir, _ = demo_run
+  payload = json.loads((workdir / "demo_results.json").read_text())
+  test_file = workdir / "data" / "arith" / "test.jsonl"
+  n = len(test_file.read_text().splitlines())
+  for row in payload["results"]:
+    assert row["n"] == n
+    gens = Path(row["generations"])
+    assert gens.is_file() and gens.is_relative_to(workdir)
+    assert _recount(gens, test_file, row["prompt"] == "cot") == pytest.approx(row["accuracy"],
+                                                                              abs=1e-6)
+
+
+def test_ot_plan_has_the_training_marginals(demo_run):
+  workdir, _ = demo_run
+  from cot2align_jax import demo as demo_lib
+  from cot2align_jax.evaluation import demo_plots
+  d = demo_lib.make_demo(str(workdir), "ci", ",".join(METHODS), 0,
+                         str(REPO / "configs" / "demo.py"))
+  ex = demo_plots.ot_plan_example(d.config("cot2align"), d.run_dir("cot2align"), d.data_dir)
+  n, m = ex["plan"].shape
+  assert (n, m) == (len(ex["student_tokens"]), len(ex["teacher_tokens"]))
+  assert ex["student_tokens"][-1] == "</s>" and ex["teacher_tokens"][-1] == "</s>"
+  assert abs(ex["plan"].sum(1) - 1 / n).max() < 1e-3
+  assert abs(ex["plan"].sum(0) - 1 / m).max() < 1e-3
+  assert ((ex["cost"] >= 0) & (ex["cost"] <= 1)).all()
+
+
+def test_rerun_keeps_every_stage(demo_run):
+  workdir, _ = demo_run
+  before = json.loads((workdir / "demo_results.json").read_text())
+  proc = _run(f"--workdir={workdir}", "--size=ci", f"--methods={','.join(METHODS)}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.count("kept from an earlier run") >= 3 + len(METHODS)
+  after = json.loads((workdir / "demo_results.json").read_text())
+  assert [r["accuracy"] for r in after["results"]] == [r["accuracy"] for r in before["results"]]
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--methods=sft,bogus",), "unknown method(s) bogus"),
+    (("--methods=kd",), "needs one vocabulary"),
+    (("--size=huge",), "size"),
+    (("--config=/nonexistent/demo.py",), "config file not found"),
+])
+def test_bad_flags_fail_in_one_line(tmp_path, args, message):
+  proc = _run(f"--workdir={tmp_path / 'w'}", *args, timeout=120)
+  assert proc.returncode != 0
+  err = [l for l in proc.stderr.splitlines() if l.strip() and "Warning" not in l]
+  assert any(message in l for l in err), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "w" / "demo_results.json").exists()
