@@ -98,7 +98,7 @@ def test_demo_accuracies_are_recounted_from_the_generations(demo_run):
 
 def test_ot_plan_has_the_training_marginals(demo_run):
   workdir, _ = demo_run
-  from cot2align_jax import demo as demo_lib
+  from cot2align_jax.training import demo as demo_lib
   from cot2align_jax.evaluation import demo_plots
   d = demo_lib.make_demo(str(workdir), "ci", ",".join(METHODS), 0,
                          str(REPO / "configs" / "demo.py"))

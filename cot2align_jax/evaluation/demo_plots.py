@@ -1,7 +1,7 @@
 """The demo's pictures: training curves, accuracy bars and one OT transport plan.
 
     plot_training_curves({"teacher": "runs/demo/teacher/metrics.jsonl", ...}, "curves.png")
-    plot_accuracy(rows, "accuracy.png")                 # rows of cot2align_jax.demo's table
+    plot_accuracy(rows, "accuracy.png")                 # rows of cot2align_jax.training.demo's table
     plot_ot_plan(ot_plan_example(config, run_dir, data_dir), "ot_plan.png")
 
 `ot_plan_example` restores a cot2align run's checkpoint (student and the OT projector), runs

@@ -373,18 +373,19 @@ def _global_stop(flag: bool) -> bool:
 
 
 def _rouge_dev_metric_fn(problem: Problem, config, mesh) -> DevMetricFn:
+  """Dev ROUGE-L (exact match for sets registered with it) of one sampled pass, with the
+  config's prompt / total lengths (data.max_prompt / data.max_len) and the set's prompts."""
   from cot2align_jax.evaluation.evaluate import SamplingSettings, dev_rouge_l  # pylint: disable=g-import-not-at-top
-  kw = {}
-  if config.student.tiny:  # short prompts and lengths of the tiny problem
+  kw = dict(settings=SamplingSettings(max_length=int(config.data.max_len),
+                                      max_prompt_length=int(config.data.max_prompt)))
+  if config.student.tiny:  # short prompts of the tiny problem
     from cot2align_jax.training import tiny  # pylint: disable=g-import-not-at-top
-    kw = dict(prompt_fn=tiny.tiny_plain_prompt,
-              settings=SamplingSettings(max_length=int(config.data.max_len),
-                                        max_prompt_length=int(config.data.max_prompt)))
+    kw["prompt_fn"] = tiny.tiny_plain_prompt
   else:
     from cot2align_jax.data import records, sources  # pylint: disable=g-import-not-at-top
     template = records.get_template(sources.dataset_spec(config.data.dataset).template)
     if template.name != "alpaca":
-      kw = dict(prompt_fn=template.plain)
+      kw["prompt_fn"] = template.plain
 
   def fn(model, step):
     del step

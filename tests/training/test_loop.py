@@ -203,3 +203,30 @@ def test_records_from_shared_data(shared):
   train_records, dev_records, dev_examples = loop._read_records(cfg)  # pylint: disable=protected-access
   assert len(train_records) == 4 and len(dev_records) == len(dev_examples) == 2
   assert not any(r.has_pair for r in train_records)
+
+
+def test_dev_metric_uses_the_config_lengths_and_the_sets_prompts(tmp_path, monkeypatch):
+  """train.dev_metric=rouge_l samples with data.max_prompt / data.max_len and, for a "qa" set
+  (the demo's arith), its short prompts, scored with the set's metric (exact match)."""
+  from cot2align_jax.training import demo as demo_lib
+  from cot2align_jax.evaluation import evaluate as ev
+  from cot2align_jax.training import loop
+  d = demo_lib.make_demo(str(tmp_path / "demo"), "ci", "sft", 0, str(REPO / "configs" / "demo.py"))
+  demo_lib.stage_data(d)
+  cfg = d.config("sft")
+  cfg.train.steps, cfg.train.eval_every, cfg.train.dev_metric = 2, 2, "rouge_l"
+  cfg.data.dev_max_examples = 4
+  cfg.teacher.path = ""  # sft needs no teacher (the demo has not trained one here)
+  seen = []
+  real = ev.evaluate_set
+
+  def spy(generator, name, examples, seeds=ev.DEFAULT_SEEDS, **kw):
+    seen.append((generator.settings, kw.get("prompt_fn")(examples[0]), ev.metric_for(examples)))
+    return real(generator, name, examples, seeds, **kw)
+
+  monkeypatch.setattr(ev, "evaluate_set", spy)
+  summary = loop.train(cfg, tmp_path / "run")
+  (settings, prompt, metric), = seen
+  assert (settings.max_length, settings.max_prompt_length) == (65, 48)
+  assert prompt.startswith("Q: ") and prompt.endswith("\nA:") and metric == "exact_match"
+  assert 0.0 <= summary["dev_metrics"]["dev/rouge_l"] <= 100.0

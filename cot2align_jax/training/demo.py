@@ -1,0 +1,438 @@
+r"""The embedded demo's stages (the command is cot2align_jax/demo.py): a complete cross-tokenizer
+distillation, offline, on a CPU.
+
+    python -m cot2align_jax.demo --workdir=runs/demo                  # ~7 min on 2 CPU cores
+    python -m cot2align_jax.demo --workdir=/tmp/d --size=ci          # a reduced run (tests)
+    python -m cot2align_jax.demo --workdir=runs/demo --methods=sft,cot2align
+
+Stages (each one's output is kept; rerunning the command skips what is done, --force redoes
+everything in the workdir):
+  1. data       multi-step arithmetic word problems (data/arith.py): train/dev/test splits and the
+                gold worked steps; two tokenizers trained on them (teacher byte-level BPE, 400;
+                student Metaspace BPE, 200); one random initialisation of each model saved as a
+                Hugging Face checkpoint (models/{teacher,student}_init).
+  2. teacher    a 4-layer Llama-like teacher (d 128) trained from scratch with SFT on plain and
+                gold-CoT records (configs/demo.py:teacher), exported to teacher/export.
+  3. rationales the teacher writes a rationale for every train problem on the CoT prompt (greedy;
+                evaluation/rationales.generate_rationales): rationales.jsonl.
+  4. students   a 2-layer Qwen2-like student (d 64, other tokenizer) distilled with each method
+                from the same initialisation, same steps, batch, learning rate and seed
+                (configs/demo.py:<method>): students/<method>/.
+  5. evaluate   greedy decoding on the test split; exact match of the final number: teacher with
+                the CoT prompt and with the plain prompt, every student with the plain prompt
+                (METHOD.md §5): eval/<model>/ (generations with per-example scores).
+  6. report     demo_results.{md,json} and plots/: training_curves.png, accuracy.png,
+                ot_plan.png (cost and transport plan of the cot2align student for one test
+                problem, student tokens × teacher tokens).
+
+Everything is read from and written to --workdir; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from cot2align_jax.paths import PROJECT_ROOT
+
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "demo.py"
+
+log = logging.getLogger(__name__)
+
+TEST_SEED = 0
+STAGES = ("data", "teacher", "rationales", "students", "evaluate", "report")
+OUTPUTS = ("data", "tokenizers", "models", "teacher", "rationales.jsonl", "rationales_raw.jsonl",
+           "rationales_stats.json", "students", "eval", "plots", "demo_results.md",
+           "demo_results.json")
+
+
+class DemoError(ValueError):
+  """A bad flag or an unusable workdir."""
+
+
+@dataclasses.dataclass
+class Demo:
+  """The paths and settings of one demo run."""
+
+  workdir: Path
+  size: str
+  methods: tuple[str, ...]
+  seed: int
+  config_file: Path
+  timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+  @property
+  def data_dir(self) -> Path:
+    return self.workdir / "data"
+
+  def model_dir(self, side: str) -> Path:
+    return self.workdir / "models" / f"{side}_init"
+
+  def run_dir(self, role: str) -> Path:
+    return self.workdir / ("teacher" if role == "teacher" else f"students/{role}")
+
+  @property
+  def rationales(self) -> Path:
+    return self.workdir / "rationales.jsonl"
+
+  def config(self, role: str):
+    """configs/demo.py:<role>:<size> with every path pointed into the workdir."""
+    from cot2align_jax.training.config import load_config  # pylint: disable=g-import-not-at-top
+    overrides = {"data.source": str(self.data_dir), "data.seed": self.seed,
+                 "train.seed": self.seed, "student.path": str(self.model_dir("student")),
+                 "teacher.path": str(self.run_dir("teacher") / "export")}
+    if role == "teacher":
+      overrides.update({"student.path": str(self.model_dir("teacher")), "teacher.path": "",
+                        "data.rationales": str(self.data_dir / "arith" /
+                                               "gold_rationales.jsonl")})
+    elif role == "cot2align":
+      overrides["data.rationales"] = str(self.rationales)
+    return load_config(self.config_file, f"{role}:{self.size}", overrides)
+
+  def sizes(self) -> dict[str, int]:
+    from cot2align_jax.training.config import load_sibling  # pylint: disable=g-import-not-at-top
+    module = load_sibling(str(self.config_file), self.config_file.name)
+    return dict(module.SIZES[self.size])
+
+  def model_shapes(self) -> tuple[dict, dict]:
+    from cot2align_jax.training.config import load_sibling  # pylint: disable=g-import-not-at-top
+    module = load_sibling(str(self.config_file), self.config_file.name)
+    return dict(module.TEACHER_MODEL), dict(module.STUDENT_MODEL)
+
+
+def _stage(name: str, index: int, text: str) -> float:
+  print(f"\n[{index}/{len(STAGES)}] {name}: {text}", flush=True)
+  return time.perf_counter()
+
+
+def _done(demo: Demo, name: str, start: float) -> None:
+  demo.timings[name] = round(time.perf_counter() - start, 1)
+  print(f"    {name} done in {demo.timings[name]:.1f} s", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. data, tokenizers, initial models
+# --------------------------------------------------------------------------------------------
+
+
+def _round8(n: int) -> int:
+  return (n + 7) // 8 * 8
+
+
+def model_configs(teacher_tok, student_tok, teacher_shape: dict, student_shape: dict):
+  """(teacher, student) ModelConfigs: a Llama-like teacher (GQA, untied head) and a Qwen2-like
+  student (q/k/v biases, tied embeddings), vocabularies rounded up to a multiple of 8."""
+  from cot2align_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  out = []
+  for tok, shape, model_type in ((teacher_tok, teacher_shape, "llama"),
+                                 (student_tok, student_shape, "qwen2")):
+    d, heads = shape["hidden_size"], shape["num_heads"]
+    out.append(ModelConfig(
+        family="llama", model_type=model_type, vocab_size=_round8(len(tok)), hidden_size=d,
+        num_layers=shape["num_layers"], num_heads=heads, num_kv_heads=shape["num_kv_heads"],
+        head_dim=d // heads, intermediate_size=shape["intermediate_size"],
+        max_position_embeddings=256, qkv_bias=model_type == "qwen2",
+        tie_word_embeddings=model_type == "qwen2", eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, valid_vocab_size=len(tok)))
+  return tuple(out)
+
+
+def stage_data(demo: Demo) -> dict[str, Any]:
+  from cot2align_jax.data import arith  # pylint: disable=g-import-not-at-top
+  from cot2align_jax.models import hf  # pylint: disable=g-import-not-at-top
+  sizes = demo.sizes()
+  marker = demo.workdir / "models" / "done.json"
+  if marker.is_file():
+    print("    (kept from an earlier run)")
+    return json.loads(marker.read_text())
+  arith.write_dataset(demo.data_dir, {k: sizes[k] for k in arith.SPLITS}, seed=demo.seed)
+  teacher_tok, student_tok = arith.train_tokenizers(demo.data_dir, demo.workdir / "tokenizers")
+  t_shape, s_shape = demo.model_shapes()
+  t_cfg, s_cfg = model_configs(teacher_tok, student_tok, t_shape, s_shape)
+  info = {}
+  for side, cfg, tok, seed in (("teacher", t_cfg, teacher_tok, demo.seed + 1),
+                               ("student", s_cfg, student_tok, demo.seed)):
+    model = hf.create_model(cfg, seed=seed)
+    hf.save_pretrained(model, demo.model_dir(side), tokenizer=tok)
+    n_params = sum(int(v.size) for v in hf.params_of(model).values())
+    info[side] = {"vocab": len(tok), "params": n_params, "layers": cfg.num_layers,
+                  "hidden_size": cfg.hidden_size, "tokenizer": tok.name_or_path}
+  info["sizes"] = sizes
+  sample = arith.make_splits({"train": 1, "dev": 1, "test": 1}, seed=demo.seed)["test"][0]
+  info["sample"] = sample
+  info["sample_tokens"] = {"teacher": teacher_tok.tokenize(sample["question"]),
+                           "student": student_tok.tokenize(sample["question"])}
+  marker.write_text(json.dumps(info, indent=2) + "\n")
+  print(f"    {sizes['train']}/{sizes['dev']}/{sizes['test']} train/dev/test problems, e.g.")
+  print(f"      Q: {sample['question']}\n      worked steps: {sample['rationale']}  "
+        f"answer: {sample['answer']}")
+  print(f"    teacher tokenizer: byte-level BPE, {info['teacher']['vocab']} tokens: "
+        f"{' '.join(info['sample_tokens']['teacher'][:12])} ...")
+  print(f"    student tokenizer: Metaspace BPE, {info['student']['vocab']} tokens: "
+        f"{' '.join(info['sample_tokens']['student'][:12])} ...")
+  return info
+
+
+# --------------------------------------------------------------------------------------------
+# 2 and 4. training runs
+# --------------------------------------------------------------------------------------------
+
+
+def _train(demo: Demo, role: str) -> dict[str, Any]:
+  """Trains (or resumes) one run; returns {"seconds", "steps", "final_metrics"}."""
+  from cot2align_jax.training.loop import train  # pylint: disable=g-import-not-at-top
+  run_dir = demo.run_dir(role)
+  summary_path = run_dir / "demo_summary.json"
+  if summary_path.is_file() and (run_dir / "export" / "config.json").is_file():
+    print(f"    {role}: kept from an earlier run")
+    return json.loads(summary_path.read_text())
+  start = time.perf_counter()
+  summary = train(demo.config(role), run_dir)
+  if summary.get("preempted"):
+    raise KeyboardInterrupt(f"{role} was interrupted; rerun the demo to resume it")
+  out = {"seconds": round(time.perf_counter() - start, 1), "steps": summary["step"],
+         "final_metrics": summary["final_metrics"]}
+  summary_path.write_text(json.dumps(out, indent=2) + "\n")
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# 3. rationales
+# --------------------------------------------------------------------------------------------
+
+
+def split_cot_output(text: str) -> tuple[str, str | None]:
+  """A CoT generation "<steps>\\nTherefore, the answer is: N" -> (steps, final answer or None).
+  Without the answer phrase the whole text is the rationale."""
+  from cot2align_jax.data.records import COT_ANSWER_JOINER  # pylint: disable=g-import-not-at-top
+  from cot2align_jax.evaluation.gsm8k import extract_answer  # pylint: disable=g-import-not-at-top
+  head, joiner, _ = text.partition(COT_ANSWER_JOINER.strip())
+  return head.strip(), (extract_answer(text) if joiner else None)
+
+
+def _settings(new_tokens: int):
+  from cot2align_jax.evaluation.evaluate import SamplingSettings  # pylint: disable=g-import-not-at-top
+  return SamplingSettings(greedy=True, temperature=1.0, no_repeat_ngram_size=0,
+                          max_prompt_length=48, max_length=48 + new_tokens,
+                          max_new_tokens=new_tokens, prompt_bucket=16)
+
+
+PLAIN_NEW_TOKENS = 8
+COT_NEW_TOKENS = 48
+
+
+def stage_rationales(demo: Demo) -> dict[str, Any]:
+  """The teacher's greedy CoT for every train problem; rationales.jsonl keeps the steps (the
+  answer phrase is cut: training appends it with the gold answer, METHOD.md §2)."""
+  from cot2align_jax.data.records import get_template  # pylint: disable=g-import-not-at-top
+  from cot2align_jax.data.sources import read_examples, read_rationales, write_rationales  # pylint: disable=g-import-not-at-top
+  from cot2align_jax.evaluation.rationales import generate_rationales  # pylint: disable=g-import-not-at-top
+  from cot2align_jax.models import from_pretrained, load_tokenizer  # pylint: disable=g-import-not-at-top
+  stats_path = demo.workdir / "rationales_stats.json"
+  if demo.rationales.is_file() and stats_path.is_file():
+    print("    (kept from an earlier run)")
+    return json.loads(stats_path.read_text())
+  examples = read_examples("arith", "train", source=demo.data_dir,
+                           max_examples=demo.sizes()["train"])
+  export = demo.run_dir("teacher") / "export"
+  teacher, tok = from_pretrained(str(export)), load_tokenizer(str(export))
+  raw = demo.workdir / "rationales_raw.jsonl"
+  report = generate_rationales(teacher, tok, examples, raw, settings=_settings(COT_NEW_TOKENS),
+                               seed=demo.seed, batch_size=64, cot_rule="all", log_every=8,
+                               prompt_fn=get_template("qa").cot)
+  texts = read_rationales(raw)
+  steps, correct = {}, 0
+  for ex in examples:
+    rationale, answer = split_cot_output(texts[ex.id])
+    steps[ex.id] = rationale
+    correct += int(answer == ex.outputs[0])
+  write_rationales(demo.rationales, steps)
+  stats = {"n": len(examples), "answer_correct": correct,
+           "answer_accuracy": round(100.0 * correct / max(len(examples), 1), 2),
+           "tokens_per_s": round(report.tokens_per_s, 1)}
+  stats_path.write_text(json.dumps(stats, indent=2) + "\n")
+  print(f"    {len(examples)} rationales; the teacher's own answer is right in "
+        f"{stats['answer_accuracy']:.1f}% of them ({report.tokens_per_s:.0f} tok/s)")
+  return stats
+
+
+# --------------------------------------------------------------------------------------------
+# 5. evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_model(demo: Demo, name: str, model_dir: Path, prompt: str) -> dict[str, Any]:
+  """Exact match (%) of greedy generations on the test split; writes eval/<name>/."""
+  from cot2align_jax.data.records import get_template  # pylint: disable=g-import-not-at-top
+  from cot2align_jax.data.sources import read_examples  # pylint: disable=g-import-not-at-top
+  from cot2align_jax.evaluation.evaluate import evaluate_sets  # pylint: disable=g-import-not-at-top
+  from cot2align_jax.models import from_pretrained, load_tokenizer  # pylint: disable=g-import-not-at-top
+  examples = read_examples("arith", "test", source=demo.data_dir)
+  template = get_template("qa")
+  prompt_fn = template.cot if prompt == "cot" else template.plain
+  new_tokens = COT_NEW_TOKENS if prompt == "cot" else PLAIN_NEW_TOKENS
+  model, tok = from_pretrained(str(model_dir)), load_tokenizer(str(model_dir))
+  report = evaluate_sets(model, tok, {"arith/test": examples}, seeds=(TEST_SEED,),
+                         workdir=demo.workdir / "eval" / name, settings=_settings(new_tokens),
+                         batch_size=64, prompt_fn=prompt_fn,
+                         meta={"model": str(model_dir), "prompt": prompt})
+  result = report.results[0]
+  return {"name": name, "prompt": prompt, "accuracy": round(result.mean, 2), "n": result.n,
+          "generations": str(demo.workdir / "eval" / name / "generations" /
+                             f"arith_test_seed{TEST_SEED}.jsonl")}
+
+
+def recount_accuracy(generations: str | Path, test_file: str | Path) -> float:
+  """Exact match (%) recomputed from a generations file and the test split's answers."""
+  from cot2align_jax.evaluation.gsm8k import extract_answer  # pylint: disable=g-import-not-at-top
+  golds = [json.loads(l)["output"] for l in Path(test_file).read_text().splitlines() if l]
+  preds = [json.loads(l) for l in Path(generations).read_text().splitlines() if l]
+  by_id = {p["id"]: p["prediction"] for p in preds}
+  hits = sum(extract_answer(by_id[f"arith/test/{i}"]) == g for i, g in enumerate(golds))
+  return 100.0 * hits / max(len(golds), 1)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. report
+# --------------------------------------------------------------------------------------------
+
+
+def results_table(rows: Sequence[dict[str, Any]]) -> str:
+  lines = ["| model | tokenizer | params | trained with | test prompt | exact match (%) | "
+           "train time (s) |", "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['model']} | {r['tokenizer']} | {r['params'] / 1e3:.0f}k | "
+                 f"{r['trained_with']} | {r['prompt']} | {r['accuracy']:.1f} | "
+                 f"{r['train_seconds']:.0f} |")
+  return "\n".join(lines) + "\n"
+
+
+def run(demo: Demo) -> dict[str, Any]:
+  from cot2align_jax.evaluation import demo_plots  # pylint: disable=g-import-not-at-top
+  t_all = time.perf_counter()
+  t = _stage("data", 1, "problems, two tokenizers, initial models")
+  info = stage_data(demo)
+  _done(demo, "data", t)
+
+  t = _stage("teacher", 2, f"SFT from scratch, {demo.config('teacher').train.steps} steps "
+             "(plain + worked-step records)")
+  teacher_run = _train(demo, "teacher")
+  _done(demo, "teacher", t)
+
+  t = _stage("rationales", 3, "the teacher writes a rationale for every train problem")
+  rationale_stats = None
+  if "cot2align" in demo.methods:
+    rationale_stats = stage_rationales(demo)
+  else:
+    print("    (skipped: no cot2align student)")
+  _done(demo, "rationales", t)
+
+  student_runs = {}
+  for i, method in enumerate(demo.methods):
+    t = _stage("students", 4, f"{method} ({i + 1}/{len(demo.methods)}), "
+               f"{demo.config(method).train.steps} steps")
+    student_runs[method] = _train(demo, method)
+    _done(demo, f"student/{method}", t)
+
+  t = _stage("evaluate", 5, "greedy decoding on the test split, exact match")
+  teacher_export = demo.run_dir("teacher") / "export"
+  evals = {"teacher/cot": evaluate_model(demo, "teacher_cot", teacher_export, "cot"),
+           "teacher/plain": evaluate_model(demo, "teacher_plain", teacher_export, "plain")}
+  for method in demo.methods:
+    evals[method] = evaluate_model(demo, method, demo.run_dir(method) / "export", "plain")
+  _done(demo, "evaluate", t)
+
+  t = _stage("report", 6, "table, JSON and plots")
+  rows = []
+  for key, ev in evals.items():
+    is_teacher = key.startswith("teacher")
+    side = info["teacher" if is_teacher else "student"]
+    run_info = teacher_run if is_teacher else student_runs[key]
+    rows.append({"model": "teacher" if is_teacher else f"student ({key})",
+                 "method": "teacher" if is_teacher else key,
+                 "tokenizer": ("byte BPE" if is_teacher else "Metaspace BPE") +
+                              f" {side['vocab']}",
+                 "params": side["params"],
+                 "trained_with": ("SFT, gold worked steps" if is_teacher else
+                                  "SFT, answers only" if key == "sft" else
+                                  "KD + OT, teacher CoT records" if key == "cot2align" else
+                                  "KD from the teacher, answers"),
+                 "prompt": ev["prompt"], "accuracy": ev["accuracy"], "n": ev["n"],
+                 "train_seconds": run_info["seconds"], "steps": run_info["steps"],
+                 "generations": ev["generations"]})
+  plots = demo.workdir / "plots"
+  plots.mkdir(parents=True, exist_ok=True)
+  paths = {"training_curves": demo_plots.plot_training_curves(
+               {m: demo.run_dir(m) / "metrics.jsonl" for m in ("teacher",) + demo.methods},
+               plots / "training_curves.png"),
+           "accuracy": demo_plots.plot_accuracy(rows, plots / "accuracy.png")}
+  if "cot2align" in demo.methods:
+    paths["ot_plan"] = demo_plots.plot_ot_plan(
+        demo_plots.ot_plan_example(demo.config("cot2align"), demo.run_dir("cot2align"),
+                                   demo.data_dir), plots / "ot_plan.png")
+  _done(demo, "report", t)
+  demo.timings["total"] = round(time.perf_counter() - t_all, 1)
+
+  table = results_table(rows)
+  best = max((r for r in rows if r["method"] != "teacher"), key=lambda r: r["accuracy"],
+             default=None)
+  payload = {"size": demo.size, "seed": demo.seed, "methods": list(demo.methods),
+             "task": {"sizes": info["sizes"], "sample": info["sample"]},
+             "models": {"teacher": info["teacher"], "student": info["student"]},
+             "rationales": rationale_stats, "results": rows,
+             "best_student": best["method"] if best else None,
+             "timings_s": demo.timings, "plots": {k: str(v) for k, v in paths.items()}}
+  (demo.workdir / "demo_results.json").write_text(json.dumps(payload, indent=2) + "\n")
+  md = ["# cot2align_jax demo results", "",
+        f"Multi-step arithmetic word problems, {info['sizes']['test']} test problems, greedy "
+        f"decoding, exact match of the final number. Size `{demo.size}`, seed {demo.seed}, "
+        f"total {demo.timings['total']:.0f} s.", "", table]
+  if rationale_stats:
+    md.append(f"Teacher rationales: {rationale_stats['n']} written, its own final answer right "
+              f"in {rationale_stats['answer_accuracy']:.1f}% of them.\n")
+  md.append("Plots: " + ", ".join(f"[{k}](plots/{Path(v).name})" for k, v in paths.items()))
+  (demo.workdir / "demo_results.md").write_text("\n".join(md) + "\n")
+  print("\n" + table)
+  print(f"wrote {demo.workdir / 'demo_results.md'}, {demo.workdir / 'demo_results.json'} and "
+        f"{', '.join(str(p) for p in paths.values())}")
+  print(f"total {demo.timings['total']:.0f} s")
+  return payload
+
+
+# --------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------
+
+
+def make_demo(workdir: str, size: str, methods: str, seed: int, config: str,
+              force: bool = False) -> Demo:
+  from cot2align_jax.losses.methods import METHODS  # pylint: disable=g-import-not-at-top
+  names = tuple(m.strip() for m in methods.split(",") if m.strip())
+  if not names:
+    raise DemoError("--methods is empty")
+  known = [*METHODS, "cot2align"]
+  unknown = [m for m in names if m not in known]
+  if unknown:
+    raise DemoError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(known)}")
+  if "kd" in names:
+    raise DemoError("kd (plain KD) needs one vocabulary; the demo's models have two")
+  config_file = Path(config)
+  if not config_file.is_file():
+    raise DemoError(f"config file not found: {config}")
+  root = Path(workdir).expanduser().resolve()
+  if root.exists() and not root.is_dir():
+    raise DemoError(f"--workdir {root} exists and is not a directory")
+  if force and root.is_dir():
+    for name in OUTPUTS:
+      p = root / name
+      if p.is_dir():
+        shutil.rmtree(p)
+      elif p.exists():
+        p.unlink()
+  root.mkdir(parents=True, exist_ok=True)
+  return Demo(root, size, names, int(seed), config_file.resolve())
