@@ -121,6 +121,14 @@ def test_rerun_keeps_every_stage(demo_run):
   assert [r["accuracy"] for r in after["results"]] == [r["accuracy"] for r in before["results"]]
 
 
+def test_other_size_in_the_same_workdir_is_refused(demo_run):
+  workdir, _ = demo_run
+  proc = _run(f"--workdir={workdir}", "--size=small", timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "holds a demo made with --size=ci --seed=0" in proc.stderr
+  assert json.loads((workdir / "demo_results.json").read_text())["size"] == "ci"
+
+
 @pytest.mark.parametrize("args,message", [
     (("--methods=sft,bogus",), "unknown method(s) bogus"),
     (("--methods=kd",), "needs one vocabulary"),

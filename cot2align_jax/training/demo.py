@@ -48,7 +48,8 @@ TEST_SEED = 0
 STAGES = ("data", "teacher", "rationales", "students", "evaluate", "report")
 OUTPUTS = ("data", "tokenizers", "models", "teacher", "rationales.jsonl", "rationales_raw.jsonl",
            "rationales_stats.json", "students", "eval", "plots", "demo_results.md",
-           "demo_results.json")
+           "demo_results.json", "demo_settings.json")
+SETTINGS_FILE = "demo_settings.json"   # size and seed of the run a workdir holds
 
 
 class DemoError(ValueError):
@@ -411,6 +412,9 @@ def run(demo: Demo) -> dict[str, Any]:
 
 def make_demo(workdir: str, size: str, methods: str, seed: int, config: str,
               force: bool = False) -> Demo:
+  """A checked Demo: every flag is validated before anything in the workdir changes; with
+  `force` the demo's outputs there are deleted; a workdir made with another size or seed is
+  refused (DemoError, one line)."""
   from cot2align_jax.losses.methods import METHODS  # pylint: disable=g-import-not-at-top
   names = tuple(m.strip() for m in methods.split(",") if m.strip())
   if not names:
@@ -427,6 +431,11 @@ def make_demo(workdir: str, size: str, methods: str, seed: int, config: str,
   root = Path(workdir).expanduser().resolve()
   if root.exists() and not root.is_dir():
     raise DemoError(f"--workdir {root} exists and is not a directory")
+  demo = Demo(root, size, names, int(seed), config_file.resolve())
+  try:
+    demo.sizes()
+  except KeyError:
+    raise DemoError(f"unknown --size {size!r}; {config_file} has no such size") from None
   if force and root.is_dir():
     for name in OUTPUTS:
       p = root / name
@@ -435,4 +444,13 @@ def make_demo(workdir: str, size: str, methods: str, seed: int, config: str,
       elif p.exists():
         p.unlink()
   root.mkdir(parents=True, exist_ok=True)
-  return Demo(root, size, names, int(seed), config_file.resolve())
+  settings = {"size": size, "seed": int(seed)}
+  marker = root / SETTINGS_FILE
+  if marker.is_file():
+    before = json.loads(marker.read_text())
+    if before != settings:
+      raise DemoError(f"--workdir {root} holds a demo made with --size={before['size']} "
+                      f"--seed={before['seed']}; pass those, --force, or another --workdir")
+  else:
+    marker.write_text(json.dumps(settings) + "\n")
+  return demo
