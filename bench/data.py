@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from cot2align_jax.data import pipeline as pl  # noqa: E402
-from cot2align_jax.paths import shared_dir  # noqa: E402
+from cot2align_jax.core.paths import shared_dir  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -108,11 +108,12 @@ def build_ours(student, teacher, masks, w, bias, *, solver, grad, epsilon, iters
   import jax.numpy as jnp
   from flax import nnx
 
-  from cot2align_jax.data import spec
+  from cot2align_jax.core import spec
   from cot2align_jax.losses import ot
+  from cot2align_jax.losses.projectors import Projectors
 
   d_t, d_s = w.shape
-  proj = ot.OTProjector(d_t, d_s, rngs=nnx.Rngs(0))
+  proj = Projectors.ot(d_t, d_s, rngs=nnx.Rngs(0))
   proj.linear.kernel[...] = jnp.asarray(w)
   proj.linear.bias[...] = jnp.asarray(bias)
   graphdef, params = nnx.split(proj)

@@ -8,7 +8,7 @@ Run from the repository root:
   python bench/train_step.py --setting gpt2 --batch 4 --seq 256 --dtype bfloat16   # on a GPU
 
 Settings:
-  tiny  the tiny cross-tokenizer problem (cot2align_jax/training/tiny.py), real batches from
+  tiny  the tiny cross-tokenizer problem (tests/support/tiny.py), real batches from
         the grain pipeline (B = --batch, one bucket of 64).
   gpt2  a GPT-2-small-shaped student (124M) and a Qwen2.5-0.5B-shaped teacher (random weights,
         vocab 151936, 24 layers, d 896), synthetic batches of B × T tokens per view (prompt =
@@ -96,7 +96,7 @@ def _fwd_flops(cfg, seq: int) -> int:
 
 def _synthetic_batch(b: int, t_s: int, t_t: int, v_s: int, v_t: int, pair_rows: int, seed=0):
   import numpy as np
-  from cot2align_jax.data import spec
+  from cot2align_jax.core import spec
   rng = np.random.RandomState(seed)
   batch = {}
   for view in spec.VIEWS:
@@ -192,7 +192,7 @@ def run_setting(setting: str, args, peak: float, log=print) -> dict[str, Any]:
   from cot2align_jax.losses.ot import OTConfig
   from cot2align_jax.models import config_from_hf
   from cot2align_jax.training import state as state_lib
-  from cot2align_jax.training import tiny
+  from tests.support import tiny  # the repository root is on sys.path (above)
 
   import models as bench_models  # bench/models.py
   device = jax.devices()[0]

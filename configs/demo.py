@@ -1,16 +1,17 @@
-"""The embedded demo's training runs (python -m cot2align_jax.demo runs them all; see its doc).
+"""The embedded demo's training runs (python -m cot2align_jax.demo runs them all).
 
     python -m cot2align_jax.demo --workdir=runs/demo                 # the whole demo
     python -m cot2align_jax.train --config=configs/demo.py:teacher --workdir=runs/demo/teacher
-    python -m cot2align_jax.train --config=configs/demo.py:cot2align --workdir=runs/demo/students/cot2align
+    python -m cot2align_jax.train --config=configs/demo.py:cot2align,size=ci --workdir=/tmp/c
 
-arg: "<role>[:<size>]". role = "teacher" (SFT of the teacher from scratch on plain + gold CoT
-records) or a student method of configs/methods/ (sft, uld, dskd_cma, cot2align, ...);
-size = "full" (default, the README's numbers), "small" or "ci" (the reduced demo of the tests).
-Paths point into `DEMO_ROOT` (runs/demo); the demo command sets them to its --workdir:
-data.source = <root>/data (data/arith.py writes it), the tokenizers and randomly initialised
-models in <root>/models/{teacher,student}_init, the teacher's export in <root>/teacher/export,
-its rationales in <root>/rationales.jsonl.
+arg: `<role>[,size=<size>]` (or positional `<role>,<size>`). role = "teacher" (SFT of the
+teacher from scratch on plain + gold CoT records) or a student method of losses.methods (sft,
+uld, dskd_cma, cot2align, ...); size = "full" (default, the README's numbers), "small" or "ci"
+(the reduced demo of the tests). Paths point into `DEMO_ROOT` (runs/demo); the demo command
+sets them to its --workdir: data.source = <root>/data (data/arith.py writes it), the randomly
+initialised models in <root>/models/{teacher,student}_init, the teacher's export in
+<root>/teacher/export, its rationales in <root>/rationales.jsonl (read by the methods that
+train on CoT records).
 
 Every student gets the same budget: same steps, batch, learning rate, seed and initial weights
 (one saved random initialisation); only the KD method differs. The baselines train on the plain
@@ -18,9 +19,8 @@ records (no rationales, as in the paper); cot2align adds the teacher's CoT recor
 terms.
 """
 
-from pathlib import Path
-
-from cot2align_jax.training.config import ConfigError, load_sibling
+from cot2align_jax.losses.methods import METHODS, get_method
+from cot2align_jax.training.config import ConfigError, load_sibling, parse_arg
 
 DEMO_ROOT = "runs/demo"
 ROLES_EXTRA = ("teacher",)
@@ -37,24 +37,21 @@ SIZES = {
     "ci": dict(train=128, dev=16, test=16, teacher_steps=24, student_steps=8, batch=8),
 }
 
-
-def parse_arg(arg):
-  role, _, size = (arg or "cot2align").partition(":")
-  size = size or "full"
-  if size not in SIZES:
-    raise ConfigError(f"configs/demo.py: unknown size {size!r}; known: {', '.join(SIZES)}")
-  return role, size
+ARG = {"role": "cot2align", "size": "full"}   # configs/demo.py:<role>[,size=<size>]
 
 
 def get_config(arg=None):
-  role, size = parse_arg(arg)
-  methods = sorted(p.stem for p in (Path(__file__).parent / "methods").glob("[!_]*.py"))
-  if role not in methods + list(ROLES_EXTRA):
+  a = parse_arg(arg, ARG, where="configs/demo.py")
+  role, size = a.role, a.size
+  if size not in SIZES:
+    raise ConfigError(f"configs/demo.py: unknown size {size!r}; known: {', '.join(SIZES)}")
+  if role not in METHODS and role not in ROLES_EXTRA:
     raise ConfigError(f"configs/demo.py: unknown role {role!r}; known: "
-                      f"{', '.join(ROLES_EXTRA + tuple(methods))}")
+                      f"{', '.join(ROLES_EXTRA + tuple(METHODS))}")
   s = SIZES[size]
   root = DEMO_ROOT
-  c = load_sibling(__file__, "base.py").get_config()
+  base = load_sibling(__file__, "base.py")
+  c = base.get_config()
   for side in ("student", "teacher"):
     c[side].dtype = "float32"
     c[side].param_dtype = "float32"
@@ -105,9 +102,9 @@ def get_config(arg=None):
     c.train.steps = s["teacher_steps"]
     return c
 
-  load_sibling(__file__, f"methods/{role}.py").apply(c)
+  base.set_method(c, role, where="configs/demo.py")
   c.kd.ot.num_iters = 20
-  if role == "cot2align":
+  if get_method(role).uses_rationales:
     c.data.rationales = f"{root}/rationales.jsonl"
     c.data.cot_rule = "all"
   return c

@@ -1,15 +1,13 @@
-"""The tiny cross-tokenizer problem (cot2align_jax/training/tiny.py): tests and the demo.
+"""The tiny cross-tokenizer problem: tests and the demo.
 
     python -m cot2align_jax.train --config=configs/tiny.py:cot2align --workdir=/tmp/tiny
-    python -m cot2align_jax.train --config=configs/tiny.py:cot2align:uld --workdir=/tmp/tiny_uld
+    python -m cot2align_jax.train --config=configs/tiny.py:cot2align,base=uld --workdir=/tmp/uld
 
-arg: a method of configs/methods/ (default sft); "cot2align:<base>" also sets the base KD.
+arg: `<method>[,base=<base KD>]` as configs/base.py, default sft.
 Two tokenizers trained on the fly (byte-level BPE student, Metaspace BPE teacher), a 2-layer
 Qwen2-like student (d 32) and a 2-layer Llama-like teacher (d 48), both randomly initialised;
 arithmetic word problems with CoT records for about half of them. Runs in seconds on a CPU.
 """
-
-from pathlib import Path
 
 from cot2align_jax.training.config import load_sibling
 
@@ -53,11 +51,5 @@ def get_config(arg=None):
   c.train.eval_every = 4
   c.train.eval_batches = 2
 
-  method, _, kd_base = (arg or "sft").partition(":")
-  methods = sorted(p.stem for p in (Path(__file__).parent / "methods").glob("[!_]*.py"))
-  if method not in methods:
-    raise ValueError(f"configs/tiny.py: unknown method {method!r}; known: {', '.join(methods)}")
-  load_sibling(__file__, f"methods/{method}.py").apply(c)
-  if kd_base:
-    c.kd.base = kd_base
-  return c
+  c.kd.method = "sft"           # the default of the arg
+  return base.set_method(c, arg, where="configs/tiny.py")

@@ -1,4 +1,5 @@
-"""Teacher rationales for CoT records, or an import of rationales made elsewhere (METHOD.md §2).
+"""Teacher rationales for the CoT records, or an import of ones made elsewhere (docs/method.md
+§2).
 
     python -m cot2align_jax.generate_cot --model=teacher_dir --dataset=dolly --split=train \
         --out=work/dolly_rationales.jsonl --batch_size=16          # resumable: rerun to continue
@@ -26,18 +27,24 @@ stderr, exit 2.
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 
 from absl import app, flags
 
-from cot2align_jax.evaluate import (UsageError, cli_config, config_examples, data_mesh,
-                                    define_common_flags, load_model_and_tokenizer, prompt_fns,
-                                    run_cli, sampling_settings)
+from cot2align_jax.core import cli
+from cot2align_jax.core.cli import UsageError
+from cot2align_jax.evaluation.rationales import generate_rationales, import_rationale_file
+from cot2align_jax.training import cli_flags
+from cot2align_jax.training import config as C
 from cot2align_jax.training.restore import config_model
 
 FLAGS = flags.FLAGS
 
-define_common_flags()
+cli_flags.define_generation_flags()
+cli.define_once(flags.DEFINE_string, "dataset", "dolly", "the data set (one registry name)")
+cli.define_once(flags.DEFINE_string, "split", None, "its split (default: train)")
+cli.define_once(flags.DEFINE_string, "workdir", None,
+                "with --config and no --out: write workdir/rationales.jsonl")
 flags.DEFINE_string("out", None, "rationale JSONL file (appended to)")
 flags.DEFINE_integer("seed", 10, "sampling seed")
 flags.DEFINE_enum("cot_rule", "nonempty_input", ["nonempty_input", "all"],
@@ -45,33 +52,31 @@ flags.DEFINE_enum("cot_rule", "nonempty_input", ["nonempty_input", "all"],
 flags.DEFINE_string("import_from", None, "import this rationale file instead of generating")
 flags.DEFINE_bool("drop_unknown", False, "with --import_from: drop ids matching no example")
 
-# --dataset and --split come from cot2align_jax.evaluate (here: one name, split default train).
-
 
 def _generate_cot() -> None:
-  from pathlib import Path
-  from cot2align_jax.evaluation.rationales import generate_rationales, import_rationale_file
-  config = cli_config()
+  config = cli_flags.cli_config()
   out, dataset, split = FLAGS.out, FLAGS.dataset, FLAGS.split or "train"
   max_examples, cot_rule = FLAGS.max_examples, FLAGS.cot_rule
   if config is not None:
+    data = C.data_config(config)
     if not out:
-      out = config.data.rationales or (str(Path(FLAGS.workdir) / "rationales.jsonl")
-                                       if FLAGS.workdir else None)
+      out = data.rationales or (str(Path(FLAGS.workdir) / "rationales.jsonl")
+                                if FLAGS.workdir else None)
     if not FLAGS["dataset"].present:
-      dataset = config.data.dataset
+      dataset = data.dataset
     if not FLAGS.split:
-      split = config.data.split
+      split = data.split
     if max_examples is None:
-      max_examples = int(config.data.max_examples) or None
-    if not FLAGS["cot_rule"].present and config.data.cot_rule in ("nonempty_input", "all"):
-      cot_rule = config.data.cot_rule
+      max_examples = data.max_examples or None
+    if not FLAGS["cot_rule"].present and data.cot_rule in ("nonempty_input", "all"):
+      cot_rule = data.cot_rule
   if not out:
     raise UsageError("--out is required" if config is None else
                      "--out is required (or config data.rationales, or --workdir)")
   if "," in dataset or "/" in dataset:
     raise UsageError(f"--dataset takes one data set name, got {dataset!r}")
-  examples = config_examples(config, dataset, split, max_examples if dataset == "tiny" else None)
+  examples = cli_flags.config_examples(config, dataset, split,
+                                       max_examples if dataset == "tiny" else None)
   if FLAGS.import_from:
     report = import_rationale_file(FLAGS.import_from, examples, out,
                                    on_unknown="drop" if FLAGS.drop_unknown else "raise")
@@ -79,27 +84,29 @@ def _generate_cot() -> None:
     print(f"imported {report.added} rationales into {report.path} "
           f"({report.already_present} already there{dropped})")
     return
-  settings = sampling_settings(config)
-  mesh = data_mesh(config)
+  settings = cli_flags.sampling_settings(config)
+  mesh = cli_flags.data_mesh(config)
   if config is not None and not FLAGS.model:
     model, tokenizer, _ = config_model(config, "teacher")
   else:
-    model, tokenizer = load_model_and_tokenizer()
+    model, tokenizer = cli_flags.load_model_and_tokenizer()
   report = generate_rationales(model, tokenizer, examples, out, settings=settings,
                                seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                                cot_rule=cot_rule, max_examples=max_examples,
-                               mesh=mesh, prompt_fn=prompt_fns(dataset)[1])
+                               mesh=mesh, prompt_fn=cli_flags.prompt_fns(dataset)[1])
   print(f"{report.path}: {report.already_done + report.generated}/{report.selected} done "
         f"({report.generated} new, {report.already_done} before); "
         f"{report.tokens} tokens in {report.seconds:.1f} s = {report.tokens_per_s:.0f} tok/s")
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
-  run_cli(_generate_cot)
+  cli.no_arguments(argv)
+  cli_flags.run_guarded(_generate_cot)
+
+
+def run() -> None:
+  app.run(main, flags_parser=cli_flags.config_parser(config_required=False))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

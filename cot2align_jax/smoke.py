@@ -15,6 +15,15 @@ import json
 import sys
 import time
 
+import jax
+import numpy as np
+
+from cot2align_jax.core import cli
+from cot2align_jax.models import from_pretrained, load_tokenizer, params_of
+from cot2align_jax.models.config import ModelError
+from cot2align_jax.models.generation import GenerationConfig, generate
+from cot2align_jax.models.scoring import perplexity
+
 DEFAULT_MODEL = "gguf:smollm2-135m-instruct"
 DEFAULT_PROMPT = "The capital of Italy is"
 DEFAULT_TEXT = "The capital of Italy is Rome. It is a beautiful city with a long history."
@@ -41,13 +50,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
   """Loads, predicts, generates and scores; returns the numbers it printed."""
-  import jax
-  import numpy as np
-
-  from cot2align_jax.models import from_pretrained, load_tokenizer, params_of
-  from cot2align_jax.models.generation import GenerationConfig, generate
-  from cot2align_jax.models.scoring import perplexity
-
   t0 = time.perf_counter()
   tok = load_tokenizer(args.model)
   model = from_pretrained(args.model, dtype=args.dtype)
@@ -97,12 +99,8 @@ def main(argv=None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
   if args.max_new_tokens < 1:
-    parser.exit(2, f"{parser.prog}: error: --max-new-tokens must be >= 1\n")
-  from cot2align_jax.models.config import ModelError
-  try:
-    result = run(args)
-  except (ModelError, FileNotFoundError, ValueError) as e:
-    parser.exit(2, f"{parser.prog}: error: {e}\n")
+    cli.fail("--max-new-tokens must be >= 1")
+  result = cli.guarded(lambda: run(args), (ModelError, FileNotFoundError, ValueError))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)

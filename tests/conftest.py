@@ -10,7 +10,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 
 import pytest  # noqa: E402
 
-from cot2align_jax.paths import shared_dir  # noqa: E402
+from cot2align_jax.core.paths import shared_dir  # noqa: E402
 
 
 def pytest_configure(config):

@@ -1,18 +1,22 @@
 """The embedded demo (README command 1) at its reduced size, as a user runs it: a subprocess of
 `python -m cot2align_jax.demo --size=ci`, with no ../shared and no network. Checks its table,
 JSON and plots, recounts every accuracy from the saved generations, and checks that a rerun
-resumes (every stage kept) and that bad flags fail in one line."""
+resumes (every stage kept), that --stop_after=rationales stops there and that bad flags fail
+in one line."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from cot2align_jax.demo import plots, stages
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("sft", "uld", "dskd_cma", "cot2align")
@@ -98,11 +102,9 @@ def test_demo_accuracies_are_recounted_from_the_generations(demo_run):
 
 def test_ot_plan_has_the_training_marginals(demo_run):
   workdir, _ = demo_run
-  from cot2align_jax.training import demo as demo_lib
-  from cot2align_jax.evaluation import demo_plots
-  d = demo_lib.make_demo(str(workdir), "ci", ",".join(METHODS), 0,
-                         str(REPO / "configs" / "demo.py"))
-  ex = demo_plots.ot_plan_example(d.config("cot2align"), d.run_dir("cot2align"), d.data_dir)
+  d = stages.make_demo(str(workdir), "ci", ",".join(METHODS), 0,
+                       str(REPO / "configs" / "demo.py"))
+  ex = plots.ot_plan_example(d.config("cot2align"), d.run_dir("cot2align"), d.data_dir)
   n, m = ex["plan"].shape
   assert (n, m) == (len(ex["student_tokens"]), len(ex["teacher_tokens"]))
   assert ex["student_tokens"][-1] == "</s>" and ex["teacher_tokens"][-1] == "</s>"
@@ -121,6 +123,25 @@ def test_rerun_keeps_every_stage(demo_run):
   assert [r["accuracy"] for r in after["results"]] == [r["accuracy"] for r in before["results"]]
 
 
+def test_stop_after_rationales_prepares_data_teacher_and_rationales_only(demo_run, tmp_path):
+  """An experiment runner's preparation: with the data and the teacher of a finished run copied
+  into a new workdir, --stop_after=rationales writes the same rationales and stops there."""
+  workdir, _ = demo_run
+  new = tmp_path / "prep"
+  new.mkdir()
+  for name in ("data", "tokenizers", "models", "teacher"):
+    shutil.copytree(workdir / name, new / name)
+  shutil.copy(workdir / stages.SETTINGS_FILE, new / stages.SETTINGS_FILE)
+  proc = _run(f"--workdir={new}", "--size=ci", "--methods=sft", "--stop_after=rationales")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "[3/6] rationales" in proc.stdout and "[4/6]" not in proc.stdout
+  assert "stopped after rationales" in proc.stdout
+  # written although no sft student reads them, identical to the full run's
+  assert (new / "rationales.jsonl").read_text() == (workdir / "rationales.jsonl").read_text()
+  assert not (new / "students").exists() and not (new / "eval").exists()
+  assert not (new / "demo_results.json").exists()
+
+
 def test_other_size_in_the_same_workdir_is_refused(demo_run):
   workdir, _ = demo_run
   proc = _run(f"--workdir={workdir}", "--size=small", timeout=120)
@@ -133,6 +154,7 @@ def test_other_size_in_the_same_workdir_is_refused(demo_run):
     (("--methods=sft,bogus",), "unknown method(s) bogus"),
     (("--methods=kd",), "needs one vocabulary"),
     (("--size=huge",), "size"),
+    (("--stop_after=nothing",), "stop_after"),
     (("--config=/nonexistent/demo.py",), "config file not found"),
 ])
 def test_bad_flags_fail_in_one_line(tmp_path, args, message):

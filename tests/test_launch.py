@@ -30,7 +30,7 @@ README = LAUNCH / "README.md"
 BASE_CONFIG = "configs/base.py"  # every config key exists here (stand-in for `$CONFIG`)
 
 # `demo`'s flags as specified for cot2align_jax.demo (checked against the module once it exists).
-DEMO_FLAGS = {"workdir", "size", "methods", "seed", "force"}
+DEMO_FLAGS = {"workdir", "size", "methods", "seed", "force", "stop_after"}
 
 
 def _ids(paths):
@@ -356,7 +356,8 @@ INVOCATIONS = _invocations()
 _LIST_FLAGS = """
 import importlib, json, sys
 from absl import flags
-importlib.import_module(sys.argv[1])
+if hasattr(importlib.import_module(sys.argv[1]), "__path__"):  # a package: python -m runs
+  importlib.import_module(sys.argv[1] + ".__main__")           # its __main__
 kind = lambda f: ("bool" if f.boolean else
                   "config_file" if type(f).__name__ == "_ConfigFlag" else "value")
 print(json.dumps({name: kind(flags.FLAGS[name]) for name in flags.FLAGS}))

@@ -1,7 +1,7 @@
 """The real-model example configs/real/gemma3_to_smollm2.py (Gemma-3-270M → SmolLM2-135M).
 
 The config tests need nothing but the file. The model test loads both GGUF models through the
-training loop's own `build_problem` (no training step is run; about 30 s on a CPU) and skips
+trainer's own `setup.build_problem` (no training step is run; about 30 s on a CPU) and skips
 with the pip command when a GGUF package is missing; it and the data test need ../shared.
 """
 
@@ -42,7 +42,7 @@ def test_config_loads_and_validates(arg):
   assert max(cfg.data.buckets) >= cfg.data.max_len > cfg.data.max_prompt
   total = cfg.train.steps or cfg.train.epochs
   C.optim_config(cfg, total_steps=max(total, 1))
-  C.pipeline_config(cfg, alignment=C.alignment_for(kd))
+  assert C.pipeline_config(cfg).alignment == C.method_of(kd).alignment
   C.checkpoint_config(cfg)
 
 
@@ -71,28 +71,28 @@ def test_cli_config_spec_with_arg():
 def test_training_without_rationales_says_how_to_make_them(shared):
   """data.rationales is empty in the file: step 1 (generate_cot) must come first."""
   del shared
-  from cot2align_jax.training import loop
+  from cot2align_jax.training import setup
   cfg = C.load_config(CONFIG, overrides={"data.max_examples": 4, "data.dev_max_examples": 2})
   with pytest.raises(C.ConfigError, match="generate_cot"):
-    loop._read_records(cfg)  # pylint: disable=protected-access
+    setup.read_records(cfg)
 
 
 @pytest.mark.slow
 def test_models_load_through_the_training_loop_and_run(shared, tmp_path):
-  """Student and teacher come from the config through loop.build_problem (the code path of
+  """Student and teacher come from the config through setup.build_problem (the code path of
   training), with different tokenizers; each forward gives finite logits over its vocabulary."""
   del shared
   _needs_gguf_models()
-  from cot2align_jax.training import loop
+  from cot2align_jax.training import setup
   rationales = tmp_path / "rationales.jsonl"
   # dolly/train/3 is the first training example with a non-empty input (a CoT record)
   rationales.write_text(json.dumps({"id": "dolly/train/3", "rationale": "Let's think."}) + "\n")
   cfg = C.load_config(CONFIG, overrides={"data.max_examples": 4, "data.dev_max_examples": 2,
                                          "data.rationales": str(rationales)})
   kd = C.kd_config(cfg)
-  problem = loop.build_problem(cfg, needs_teacher=True, kd_cfg=kd)
-  loop._check_vocabularies(kd, problem.student_tok, problem.teacher_tok,  # pylint: disable=protected-access
-                           problem.student, problem.teacher)
+  problem = setup.build_problem(cfg, needs_teacher=True, kd_cfg=kd)
+  setup.check_vocabularies(kd, problem.student_tok, problem.teacher_tok, problem.student,
+                           problem.teacher)
 
   assert len(problem.student_tok) == STUDENT_VOCAB
   assert len(problem.teacher_tok) == TEACHER_VOCAB

@@ -13,6 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cot2align_jax.data import arith, records
+from cot2align_jax.evaluation.protocol import SamplingSettings, score_texts
+from cot2align_jax.evaluation.rationales import generate_rationales
+from tests.support import tiny
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "--config=configs/tiny.py:cot2align"
 
@@ -26,8 +31,6 @@ def _run(module: str, *args: str, timeout: int = 120) -> subprocess.CompletedPro
 
 
 def _check_report(out_dir: Path, seeds: list[int], n: int) -> dict:
-  from cot2align_jax.evaluation.evaluate import score_texts
-  from cot2align_jax.training import tiny
   for suffix in ("json", "md", "png"):
     assert (out_dir / f"eval_results.{suffix}").stat().st_size > 0
   report = json.loads((out_dir / "eval_results.json").read_text())
@@ -35,7 +38,7 @@ def _check_report(out_dir: Path, seeds: list[int], n: int) -> dict:
   (result,) = report["results"]
   assert (result["name"], result["metric"], result["n"]) == ("tiny/test", "rougeL", n)
   assert result["seeds"] == seeds
-  examples = {ex.id: ex for ex in tiny.tiny_split_examples("test", n)}
+  examples = {ex.id: ex for ex in arith.tiny_examples("test", n)}
   per_seed = []
   for seed in seeds:
     rows = [json.loads(l) for l in
@@ -63,14 +66,11 @@ def test_generate_cot_train_evaluate(tmp_path):
   assert [r["id"] for r in rows] == [f"tiny/train/{i}" for i in range(8)]
   assert all(isinstance(r["rationale"], str) for r in rows)
   # Resuming (in process, same library call as the CLI): nothing left to generate.
-  from cot2align_jax.evaluation.evaluate import SamplingSettings
-  from cot2align_jax.evaluation.rationales import generate_rationales
-  from cot2align_jax.training import tiny
   prob = tiny.tiny_problem(8)
   again = generate_rationales(prob.teacher(), prob.teacher_tok,
-                              tiny.tiny_split_examples("train", 8), rationales,
+                              arith.tiny_examples("train", 8), rationales,
                               settings=SamplingSettings(max_length=44, max_prompt_length=32),
-                              prompt_fn=tiny.tiny_cot_prompt)
+                              prompt_fn=records.qa_cot_prompt)
   assert (again.generated, again.already_done, again.selected) == (0, 8, 8)
   assert len(rationales.read_text().splitlines()) == 8
 

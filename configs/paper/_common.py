@@ -1,4 +1,4 @@
-"""Shared settings of the five paper settings (METHOD.md §5); not a config file itself.
+"""Shared settings of the five paper settings (docs/method.md §5); not a config file itself.
 
 All settings: AdamW (wd 0.01, no decay on biases and norms), cosine decay to 1e-7, no warmup,
 grad clip 1.0, max length 512, prompt 256, τ = 2.0, projector lr 1e-3, seed 10, batch 32; the
@@ -11,7 +11,7 @@ Set both on the command line:
     --config.teacher.path=/ckpt/teacher-dolly-sft --config.data.rationales=/data/dolly_cot.jsonl
 """
 
-from cot2align_jax.training.config import load_sibling
+from cot2align_jax.training.config import ConfigError, load_sibling, parse_arg
 
 LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                       "down_proj")
@@ -71,8 +71,9 @@ def paper_config(this_file, *, teacher: str, student: str, base: str, kd_rate: f
 
 
 def pick_base(arg, default: str, rates: dict):
-  """(base, kd_rate) for the config arg: "" → the setting's default base KD."""
-  base = arg or default
+  """(base, kd_rate) for the config arg `[base=]<base KD>` (none: the setting's default)."""
+  base = parse_arg(arg, {"base": default}, where="configs/paper arg").base
   if base not in rates:
-    raise ValueError(f"base KD {base!r} is not one of this setting's: {', '.join(rates)}")
+    raise ConfigError(f"configs/paper arg: base KD {base!r} is not one of this setting's: "
+                      f"{', '.join(rates)}")
   return base, rates[base]

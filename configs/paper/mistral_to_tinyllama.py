@@ -4,8 +4,8 @@ batch 32, 10 epochs.
 
     python -m cot2align_jax.train --config=configs/paper/mistral_to_tinyllama.py:mined ...
 
-arg: base KD ("" = dskd_cma, "uld", "mined"). LoRA on the student (student.lora; merged into the
-weights on export); --config.student.lora.enabled=False trains the student fully instead.
+arg: `[base=]<base KD>`: dskd_cma (default), uld or mined. LoRA on the student (student.lora;
+merged into the weights on export); --config.student.lora.enabled=False trains it fully.
 """
 
 from cot2align_jax.training.config import load_sibling

@@ -4,7 +4,7 @@ reverse KL (λ_skew 0.1), kd_rate 0.5; full fine-tuning, lr 5e-4, batch 32, 20 e
     python -m cot2align_jax.train --config=configs/paper/qwen15_to_gpt2.py --workdir=DIR \
         --config.teacher.path=/ckpt/qwen1.5-1.8b-dolly-sft --config.data.rationales=FILE
 
-arg: base KD ("" = dskd_cma; uld / mined use kd_rate 0.5 as well).
+arg: `[base=]<base KD>`: dskd_cma (default); uld / mined use kd_rate 0.5 as well.
 """
 
 from cot2align_jax.training.config import load_sibling

@@ -4,8 +4,8 @@ batch 32, 10 epochs.
 
     python -m cot2align_jax.train --config=configs/paper/qwen25_to_gpt2_1_5b.py:uld ...
 
-arg: base KD ("" = dskd_cma, "uld", "mined"). LoRA r=256, α=8 on the GPT-2 modules c_attn,
-c_proj, c_fc (student.lora; merged into the weights on export).
+arg: `[base=]<base KD>`: dskd_cma (default), uld or mined. LoRA r=256, α=8 on the GPT-2
+modules c_attn, c_proj, c_fc (student.lora; merged into the weights on export).
 """
 
 from cot2align_jax.training.config import load_sibling

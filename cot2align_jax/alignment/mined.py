@@ -8,13 +8,7 @@ Vocabulary map rule (exact, deterministic): for each non-special teacher token, 
 student token minimising (edit distance, 0 if the raw bytes are identical else 1, student id).
 Special teacher tokens map to the student token with the same string, else to the student EOS.
 Padding rows of the teacher head (ids >= the tokenizer's size) map to the student EOS as well.
-
-Search: exact matches through hash maps first; for the rest, a lower bound from shared characters,
-ed(q, s) >= max(|q|, |s|) - common(q, s) (common = size of the multiset intersection, computed for
-a batch of queries against all student strings as one sparse product), then exact edit distances
-(numpy DP over many candidates at once) level by level in increasing bound, stopping once the bound
-exceeds the best distance found. Candidates whose bound equals max(|q|, |s|) need no DP: the
-distance is then exactly that.
+The search is exact (`nearest_by_edit_distance`); maps are cached on disk (`build_mined_vocab_map`).
 """
 
 from __future__ import annotations
@@ -27,9 +21,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import sparse
 
 from cot2align_jax.alignment.spans import TokenBytes, pairs_to_arrays
-from cot2align_jax.paths import cache_dir as default_cache_dir
+from cot2align_jax.core.paths import cache_dir as default_cache_dir
 
 MAP_VERSION = b"mined-map-v1"
 _PAD = -1  # padding code of the first string of a pair
@@ -146,8 +141,6 @@ def nearest_by_edit_distance(queries: Sequence[str], cands: Sequence[str],
   max(|q|, shortest) of q, a query of length n only looks at candidates of length <= n +
   max(n, shortest). Queries are processed in batches of similar length.
   """
-  from scipy import sparse
-
   if not len(cands):
     raise ValueError("no candidates")
   lens = np.array([len(c) for c in cands], dtype=np.int64)

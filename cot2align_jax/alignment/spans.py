@@ -1,21 +1,17 @@
 """Byte-offset spans of tokens, exact 1:1 pairs (DSKD's ETA in byte form) and many-to-many chunks.
 
-Two tokenizations of the same text are compared through the UTF-8 *bytes* each token covers, never
-by decoding tokens to strings one at a time. This is what makes the alignment robust to a BOS that
-only one tokenizer adds, to multi-byte characters split over several tokens (byte-level BPE pieces
-such as "Ġæ", SentencePiece byte-fallback tokens such as "<0xE6>"), and to the Ġ / ▁ space
-markers.
+Two tokenizations of the same text are compared through the UTF-8 *bytes* each token covers,
+never by decoding tokens to strings one at a time.
 
-Pipeline of one side: `TokenBytes(tokenizer)` (once per tokenizer: the byte content of every
-vocabulary entry) -> `byte_spans(text, ids, offsets, table)` -> spans [N, 2] int64, each token's
-[start, end) in the UTF-8 bytes of `text`, (-1, -1) for a token that covers no text (BOS/EOS, a
-SentencePiece dummy-prefix "▁"). Two sides are then combined with `exact_pairs`, `chunks` or, for
-the fixed-shape batch arrays of data/spec.py, `eta_arrays`.
+One side: `TokenBytes(tokenizer)` (once per tokenizer: the byte content of every vocabulary
+entry) -> `byte_spans(text, ids, offsets, table)` -> spans [N, 2] int64, each token's [start,
+end) in the UTF-8 bytes of `text`, (-1, -1) for a token that covers no text (BOS/EOS, a
+SentencePiece dummy-prefix "▁"). Two sides are then combined with `exact_pairs`, `chunks` or,
+for the fixed-shape batch arrays of core/spec.py, `eta_arrays`.
 
-Text: Python strings may hold lone surrogates that have no UTF-8 form (and that HF tokenizers
-reject). `clean_text` replaces each with U+FFFD; it keeps the number of characters, so character
-offsets stay valid. `byte_spans` applies it itself; the data pipeline must apply it before
-tokenizing.
+Text: `clean_text` replaces lone surrogates (no UTF-8 form; HF tokenizers reject them) with
+U+FFFD, keeping character offsets valid. `byte_spans` applies it itself; the data pipeline must
+apply it before tokenizing.
 """
 
 from __future__ import annotations

@@ -1,32 +1,19 @@
-"""The grain input pipeline: records → tokenized, aligned, bucket-padded batches (spec.py).
+"""The grain input pipeline: records -> tokenized, aligned, bucket-padded batches (core/spec.py).
 
-Stages (grain 0.2 `MapDataset`, then one `IterDataset` at the end):
-  source (list / random-access source of records)
-  → per-host shard: elements process_index, process_index + count, ... (strided, disjoint)
-  → seeded global shuffle (reshuffled each epoch by `repeat`)
-  → repeat(num_epochs)
-  → map: main view and pair view tokenized by the student and the teacher tokenizer, and the
-         main view's alignment arrays (one row = unpadded 1-D arrays)
-  → batch of `batch_size` rows; `batch_fn` pads every row of the batch to the smallest bucket
-         length ≥ the longest row of that side (student, teacher: separate lengths; both views
-         of a side share it), and pads a short last batch with rows of example_id -1, masks 0
-  → to_iter_dataset (thread prefetch) → optional mp_prefetch (worker processes).
+    pipe = Pipeline(records, student_tok, teacher_tok, PipelineConfig(batch_size=8))
+    it = iter(pipe); batch = next(it)   # dict of numpy arrays, every spec key, B = batch_size rows
+    state = it.get_state()              # later: it2 = iter(pipe); it2.set_state(state)
 
-Batching is done before bucketing: the batch's length follows its longest row, so one long row
-pads the whole batch (simple and exact; a sort-within-window pass could reduce padding and is
-not implemented). Every batch has all spec.py keys with fixed dtypes and B = batch_size rows.
+Stages: records -> this host's strided shard -> seeded shuffle (reshuffled each epoch) -> repeat
+-> per record: main and pair view tokenized by both tokenizers + the main view's alignment arrays
+(`RowBuilder`, unpadded 1-D rows) -> batch of `batch_size` rows padded per side to the smallest
+bucket >= the side's longest row, a short last batch filled with example_id -1 rows (`Collate`)
+-> thread prefetch -> optional grain worker processes (`worker_count`).
 
-Iterator state: `iter(pipeline)` is a grain DatasetIterator; `get_state()` is a small dict
-(the index of the next batch) and `set_state()` on a fresh iterator of an identically
-configured pipeline resumes exactly. With `worker_count > 0` (grain mp_prefetch; checked by hand,
-not in CI) each worker process builds whole batches (worker w takes batches w, w + W, ...) and
-they come back round-robin, so the batches equal the in-process ones; the state then holds each
-worker's position and resumes exactly under the same worker count only. Worker processes read
-absl flags: outside absl.app.run the defaults are marked parsed. Close such an iterator
-(`it.close()`) when done; grain may warn about leaked shared memory at exit otherwise.
-
+Resuming: `set_state()` on a fresh iterator of an identically configured pipeline continues
+exactly (with workers: under the same worker count only; close such an iterator when done).
 Records: any object or dict with prompt, response, pair_prompt, pair_response, has_pair and an
-integer index: example_index (cot2align_jax.data.records.Record) or an int-like example_id.
+integer index, example_index (data/records.py `Record`) or an int-like example_id.
 """
 
 from __future__ import annotations
@@ -36,9 +23,12 @@ import logging
 from typing import Any, Sequence
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
-from cot2align_jax.data import spec
+from cot2align_jax.alignment import mined, spans
+from cot2align_jax.core import spec
 from cot2align_jax.data.tokenize import TokenizedView, pad_id, tokenize_view
 
 _log = logging.getLogger(__name__)
@@ -67,7 +57,7 @@ class PipelineConfig:
   group_by_pair: 0 = off; k > 0 = within each window of k batches of shuffled records, put the
     records without a paired view first (stable order), so most batches are all-plain or
     all-CoT and the train step skips the paired-view forwards of all-plain batches (the bucket
-    approach to METHOD §6.2). At most one batch per window mixes the two kinds.
+    approach to docs/method.md §6.2). At most one batch per window mixes the two kinds.
   """
 
   batch_size: int = 8
@@ -128,10 +118,10 @@ class GroupByPairMapDataset(grain.MapDataset):
     if w not in self._orders:
       start = w * self._window
       stop = min(start + self._window, len(self._parent))
-      flags = np.asarray([bool(_field(self._parent[i], "has_pair")) for i in range(start, stop)])
+      paired = np.asarray([bool(_field(self._parent[i], "has_pair")) for i in range(start, stop)])
       if len(self._orders) > 8:
         self._orders.clear()
-      self._orders[w] = np.argsort(flags, kind="stable")
+      self._orders[w] = np.argsort(paired, kind="stable")
     return self._orders[w]
 
   def __getitem__(self, index):
@@ -176,21 +166,13 @@ def _zero_alignment(n: int) -> dict[str, np.ndarray]:
 def available_alignments() -> tuple[str, ...]:
   """The alignment methods cot2align_jax.alignment implements ("eta": spans.eta_arrays,
   "mined": mined.mined_arrays)."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  have = {}
-  for method, (module, fn) in {"eta": ("spans", "eta_arrays"),
-                               "mined": ("mined", "mined_arrays")}.items():
-    try:
-      have[method] = hasattr(importlib.import_module(f"cot2align_jax.alignment.{module}"), fn)
-    except ImportError:
-      have[method] = False
+  have = {"eta": hasattr(spans, "eta_arrays"), "mined": hasattr(mined, "mined_arrays")}
   return tuple(m for m in ALIGNMENTS if have[m])
 
 
 def _label_spans(view: TokenizedView, table: Any) -> np.ndarray:
   """[n - 1, 2] byte spans of the label tokens ids[1:] (alignment.spans.byte_spans: overlapping
   spans of a split multi-byte character resolved; (-1, -1) for tokens without text, e.g. EOS)."""
-  from cot2align_jax.alignment import spans  # pylint: disable=g-import-not-at-top
   return spans.byte_spans(view.text, view.ids, view.offsets, table, unit="byte")[1:]
 
 
@@ -198,7 +180,6 @@ def _eta(student: TokenizedView, teacher: TokenizedView, tables: dict[str, Any],
          mined_vocab_map: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
   """ETA (pos, mask), each [n_s - 1]: alignment.spans.eta_arrays over the label byte spans."""
   del mined_vocab_map
-  from cot2align_jax.alignment import spans  # pylint: disable=g-import-not-at-top
   return spans.eta_arrays(_label_spans(student, tables["student"]),
                           _label_spans(teacher, tables["teacher"]), student.response_mask[1:],
                           teacher.response_mask[1:], len(student) - 1)
@@ -210,7 +191,6 @@ def _mined(student: TokenizedView, teacher: TokenizedView, tables: dict[str, Any
   (edit-distance cost) between the response label tokens' text forms. The per-batch arrays need
   no vocabulary map (that one is built once: alignment.mined.build_mined_vocab_map)."""
   del mined_vocab_map
-  from cot2align_jax.alignment import mined  # pylint: disable=g-import-not-at-top
   return mined.mined_arrays(tables["student"].text_forms(student.ids[1:]),
                             tables["teacher"].text_forms(teacher.ids[1:]),
                             student.response_mask[1:], teacher.response_mask[1:],
@@ -263,7 +243,6 @@ class RowBuilder:
     self.mined_vocab_map = mined_vocab_map
     self.tables = {}
     if config.alignment:
-      from cot2align_jax.alignment import spans  # pylint: disable=g-import-not-at-top
       self.tables = {s: spans.TokenBytes.from_tokenizer(t) for s, t in self.toks.items()}
 
   def view(self, prompt: str, response: str, side: str) -> TokenizedView:
@@ -339,7 +318,6 @@ def _stack(rows: Sequence[dict[str, Any]], k: str, b: int, length: int,
 
 def _ensure_absl_flags_parsed() -> None:
   """grain's worker processes read absl flags; outside absl.app.run mark the defaults parsed."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -349,7 +327,6 @@ def _shard(config: PipelineConfig) -> tuple[int, int]:
   if config.shard_index is not None and config.shard_count is not None:
     index, count = config.shard_index, config.shard_count
   else:
-    import jax  # pylint: disable=g-import-not-at-top
     index, count = jax.process_index(), jax.process_count()
   if not 0 <= index < count:
     raise ValueError(f"shard index {index} not in [0, {count})")

@@ -1,23 +1,17 @@
-"""Examples, prompt templates, views and plain/CoT records (METHOD.md §2).
+"""Examples, prompt templates, views and plain/CoT records (docs/method.md §2).
 
 An `Example` is one row of an instruction set: instruction, input (may be ""), and one or
-more reference outputs (training uses the first). From each example `build_records` makes
+more reference outputs (training uses the first). `build_records` makes from each example
 
 * always a **plain record**: main view = plain prompt + gold answer, no paired view;
 * when the CoT rule selects the example *and* a rationale exists for its id, a **CoT record**:
-  main view = CoT prompt + `rationale + "\\nTherefore, the answer is: " + gold`, paired view =
+  main view = CoT prompt + `rationale + "\nTherefore, the answer is: " + gold`, paired view =
   plain prompt + gold, and `has_pair=True`.
 
-Decisions (tested in tests/data/test_records.py):
-
-* "Non-empty input" means `input != ""` exactly; the same test picks the plain template with or
-  without the Input section, which matches the `prompt` field of every staged row.
-* An example whose first reference is empty (or whitespace only) makes no record at all: a
-  response of EOS alone teaches nothing but "stop", and the CoT answer would dangle. Such
-  examples are skipped and their ids listed in the `BuildReport` (`empty_output`).
-* A rationale that is empty or whitespace only counts as missing.
-* Examples that the rule selects but that lack a rationale keep their plain record and are
-  listed in the report (`missing_rationale`); a warning is logged with the count.
+Rules (tests/data/test_records.py): "non-empty input" means `input != ""` (it also picks the
+plain template with or without the Input section); an example whose first reference is blank
+makes no record (listed in `BuildReport.empty_output`); a blank rationale counts as missing;
+selected examples without a rationale keep their plain record (`missing_rationale`, a warning).
 """
 
 from __future__ import annotations
@@ -29,7 +23,8 @@ from typing import Literal, Union
 
 log = logging.getLogger(__name__)
 
-# Byte-exact Alpaca-style templates (METHOD.md §2). The CoT template always has the Input section.
+# Byte-exact Alpaca-style templates (docs/method.md §2). The CoT template always has the Input
+# section.
 PLAIN_TEMPLATE_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from cot2align_jax.data.records import DataError, Example
-from cot2align_jax.paths import shared_dir
+from cot2align_jax.core.paths import shared_dir
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class DatasetSpec:
   template: Literal["alpaca", "qa"] = "alpaca"     # prompts (data.records.TEMPLATES)
   metric: Literal["rougeL", "exact_match"] = "rougeL"   # evaluation metric of the test split
   shared: bool = True      # staged in ../shared/data (False: generated, e.g. by the demo)
+  generated_by: str = ""   # for a generated set: what makes it (named in a file-not-found error)
 
   def path(self, data_dir: Path, split: str) -> Path:
     """The JSONL file of one split."""
@@ -62,7 +63,13 @@ DATASETS: dict[str, DatasetSpec] = {
     # The synthetic multi-step arithmetic set of the demo (data/arith.py writes it; not in
     # ../shared): short "Q: ... A:" prompts, exact match of the final number.
     "arith": DatasetSpec("arith", ("train", "dev", "test"), test_split="test", template="qa",
-                         metric="exact_match", shared=False),
+                         metric="exact_match", shared=False,
+                         generated_by="python -m cot2align_jax.demo writes it"),
+    # The tiny size of that task (data.arith.tiny_examples, in memory, no files): the test
+    # problem of student.tiny / teacher.tiny (configs/tiny.py), scored with ROUGE-L.
+    "tiny": DatasetSpec("tiny", ("train", "dev", "test"), test_split="test", template="qa",
+                        shared=False, generated_by="drawn in memory by data.arith.tiny_examples "
+                        "for student.tiny / teacher.tiny runs; no files"),
 }
 
 
@@ -182,7 +189,7 @@ def read_examples(name: str, split: str, *, source: str | Path | None = None,
     raise KeyError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(spec.splits)}")
   path = spec.path(data_dir(source), split)
   if not path.is_file():
-    hint = "" if spec.shared else " (a generated set: python -m cot2align_jax.demo writes it)"
+    hint = f" (a generated set: {spec.generated_by})" if spec.generated_by else ""
     raise DataError(f"{path}: file not found for {name}/{split}{hint}")
   read = read_jsonl(path, on_error=on_error, max_rows=max_examples)
   if read.skipped:

@@ -9,19 +9,9 @@ Three `GeneratorBasedBuilder`s, one BuilderConfig per data set:
   from a rationale JSONL keyed by example id (`sources.import_rationales`: an id that matches
   no example is an error). Examples without a rationale get rationale "".
 
-How this works without TensorFlow (tensorflow_datasets 4.9.x, checked in
-tests/data/test_tfds_builders.py with `tensorflow` absent):
-
-* `_info` builds `tfds.core.DatasetInfo(...)` directly. `dataset_info_from_configs` reads
-  README/CITATIONS metadata next to the builder's module and fails outside a TFDS package.
-* The default file format here is array_record (`file_format` in `__init__`); tfrecord writing
-  and `as_dataset` need TF, `as_data_source` / `tfds.data_source` (random access, what grain
-  uses) do not. Features are Text, Sequence(Text) and int32 scalars; they encode and decode
-  with numpy only. Decoded Text comes back as `bytes`: use `example_from_row`.
-* `disable_shuffling=True`: records are stored in source-file order, so record i of a split is
-  row i of the (possibly truncated) file, and `index` equals that position.
-* `tfds.builder_from_directory(path)` reads a prepared dataset without this module.
-* `store_as_tfds_dataset` and the ad-hoc builders need TF; they are not used.
+Prepared sets are read with `tfds.data_source` (random access, what grain uses; no TensorFlow
+needed, tests/data/test_tfds_builders.py checks it without TF). Records keep source-file order,
+so `index` = row position. Decoded Text comes back as `bytes`: use `example_from_row`.
 
 Source directory, in order: the config's `source_dir`; the download config's `manual_dir` when
 it exists and is non-empty (`tfds.download.DownloadConfig(manual_dir=...)`); shared/data.

@@ -1,24 +1,14 @@
 """Tokenization of one view (prompt + response) by one tokenizer, with byte spans.
 
-Rules (docs/METHOD.md §2): no special tokens are added; the prompt keeps its *first*
+Rules (docs/method.md §2): no special tokens are added; the prompt keeps its *first*
 `max_prompt` tokens; the response follows; EOS is appended; the whole id sequence keeps its first
 `max_len` tokens. Inputs are ids[:-1], labels ids[1:], and only response labels (the EOS
-included) are valid.
+included) are valid. Prompt + response are tokenized jointly and split at the prompt's end by
+character offsets (a token that starts inside the prompt belongs to the prompt).
 
-Two choices made here, and why:
-- Prompt + response are tokenized *jointly* (one call on the view text) and split at the prompt's
-  end by character offsets: a token that starts inside the prompt belongs to the prompt. This is
-  the reference's split (it tokenizes `prompt + response` and slices at the prompt's token count)
-  whenever no token straddles the boundary, and it avoids the spurious "▁" a SentencePiece
-  tokenizer would prepend to a separately tokenized response.
-- An over-long prompt is truncated (first `max_prompt` tokens kept), as METHOD.md says; the
-  reference (MiniLLM's process_data_dolly) drops such examples instead.
-
-Byte spans: HF fast tokenizers report *character* offsets into the text; they are converted to
-UTF-8 byte offsets of the view text. A multi-byte character split over several tokens (byte-level
-BPE, SentencePiece byte fallback) gives each of those tokens the span of the whole character, so
-such spans may overlap. EOS has the empty span (len(text), len(text)). Prompt tokens dropped by
-truncation keep no span; the kept spans still index the full view text.
+Byte spans: UTF-8 byte offsets into the view text (HF fast tokenizers report character offsets).
+Tokens sharing a multi-byte character all get that character's span, so spans may overlap; EOS
+has the empty span (len(text), len(text)); prompt tokens dropped by truncation have none.
 """
 
 from __future__ import annotations

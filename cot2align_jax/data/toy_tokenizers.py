@@ -1,4 +1,4 @@
-"""Tokenizers trained on the fly with `tokenizers` (the tiny problem and the demo's task).
+"""Tokenizers trained on the fly with `tokenizers` (data/arith.py: the demo size and the tiny size).
 
     teacher = train_byte_bpe(texts, 400, name="arith-teacher")        # GPT-2 style, "Ġ"
     student = train_metaspace_bpe(texts, 200, name="arith-student")   # Llama style, "▁"
@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
 SPECIALS = ("<pad>", "</s>", "<unk>")
 
 
 def as_fast(tok, name: str):
   """A `tokenizers.Tokenizer` wrapped as a transformers fast tokenizer named `name`."""
+  # transformers is heavy to import; only the wrapping needs it
   from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
                                  unk_token="<unk>")
@@ -25,7 +28,6 @@ def as_fast(tok, name: str):
 
 def train_byte_bpe(texts: Sequence[str], vocab_size: int, *, name: str):
   """A byte-level BPE (GPT-2 style: "Ġ" marks a leading space; every byte is in the alphabet)."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # pylint: disable=g-import-not-at-top
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
@@ -39,7 +41,6 @@ def train_byte_bpe(texts: Sequence[str], vocab_size: int, *, name: str):
 def train_metaspace_bpe(texts: Sequence[str], vocab_size: int, *, name: str):
   """A BPE over the SentencePiece "▁" Metaspace (Llama style; no byte fallback, so characters
   outside the training texts become "<unk>")."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
   tok = Tokenizer(models.BPE(unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
   tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")

@@ -1,4 +1,4 @@
-"""GSM8K exact match of the final number (our addition to the evaluation, METHOD.md §5).
+"""GSM8K exact match of the final number (our addition to the evaluation, docs/method.md §5).
 
 Extraction rules of `extract_answer(text)`, applied in order:
 

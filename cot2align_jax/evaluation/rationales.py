@@ -1,27 +1,18 @@
-"""Teacher rationales for the CoT records (METHOD.md §2), resumable, and imports of external ones.
+"""Teacher rationales for the CoT records (docs/method.md §2), resumable; imports of external ones.
 
     report = generate_rationales(teacher, tok, examples, "work/rationales.jsonl", seed=10)
     report = import_rationale_file("gpt4_rationales.jsonl", examples, "work/rationales.jsonl")
 
-The output is JSON Lines {"id": example id, "rationale": text} (what
-`data.sources.read_rationales` reads), **appended** to, one flush + fsync per batch.
+The output is JSON Lines {"id": example id, "rationale": text} (`data.sources.read_rationales`),
+**appended** to, one flush + fsync per batch. Sampling: the CoT prompt, `RATIONALE_SETTINGS`
+(T=1, top-p 1, top-k off, no-repeat-ngram 6, 512 / 256 tokens) or any `SamplingSettings`; the
+rationale is the generated text cut at EOS and stripped. Examples: those `cot_rule` selects
+(data/records.py; "nonempty_input" by default, "all" for GSM8K).
 
-Sampling: the CoT prompt (`data.records.cot_prompt`), temperature 1, top-p 1, top-k off,
-no-repeat-ngram 6, total 512 / prompt 256 tokens (`RATIONALE_SETTINGS`; any
-`SamplingSettings` can be passed). The rationale is the generated text cut at EOS and stripped.
-
-Resuming. The work is cut into fixed batches of the selected examples in their given order:
-batch k = selected[k*B:(k+1)*B], sampled with `batch_seed(seed, k)`. A rerun reads the ids
-already in the file, skips every batch whose ids are all there, and for a batch that is only
-partly there (a crash during its write) regenerates the whole batch with the same seed and
-appends only the missing ids. So an interrupted and resumed run writes the same set of ids as
-an uninterrupted one, each exactly once, with the same texts (given a deterministic backend).
-A torn last line (a crash mid-write) is cut off before appending, with a warning.
-Batch size, seed, settings and example order must stay the same across a resume for the texts
-to match; the ids are right whatever they are.
-
-Which examples: `cot_rule` as in `data.records` ("nonempty_input" by default, the rule that
-decides which examples get a CoT record; "all" for GSM8K, whose inputs are empty).
+Resuming: batch k = selected[k*B:(k+1)*B] is sampled with `batch_seed(seed, k)`. A rerun skips
+batches whose ids are all in the file, regenerates a partly written batch with the same seed and
+appends only its missing ids, and cuts a torn last line (with a warning). So a resumed run writes
+each id exactly once, with the same texts when batch size, seed, settings and order are kept.
 """
 
 from __future__ import annotations
@@ -39,7 +30,7 @@ import jax
 
 from cot2align_jax.data.records import CotRule, DataError, Example, cot_prompt, cot_selector
 from cot2align_jax.data.sources import import_rationales, read_rationales
-from cot2align_jax.evaluation.evaluate import SamplingSettings, TextGenerator, batch_seed
+from cot2align_jax.evaluation.protocol import SamplingSettings, TextGenerator, batch_seed
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""ROUGE-L F as the MiniLLM / DSKD / CoT2Align evaluation computes it (METHOD.md §5).
+"""ROUGE-L F as the MiniLLM / DSKD / CoT2Align evaluation computes it (docs/method.md §5).
 
     rouge_l("the cat sat", ["a cat sat down", "the cat"])   # -> 100 * max_r F(rougeL)
     corpus_rouge_l(predictions, references)                 # -> mean over examples

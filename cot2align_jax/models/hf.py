@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from huggingface_hub import snapshot_download
 
+from cot2align_jax.models import gguf
 from cot2align_jax.models.config import ModelConfig, ModelError
 from cot2align_jax.models.families import TensorSource, family, family_for_model_type
 from cot2align_jax.models.layers import LoRAParam, merge_lora
@@ -141,7 +143,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
   name = str(path)
   looks_like_hub = name.count("/") == 1 and not name.startswith((".", "/", "~"))
   if looks_like_hub and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False"):
-    from huggingface_hub import snapshot_download
     return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt",
                                                         "*.model", "*.tiktoken"]))
   hint = " (HF_HUB_OFFLINE is set, so Hub names are not downloaded)" if looks_like_hub else ""
@@ -164,7 +165,6 @@ def from_pretrained(path: str | os.PathLike, dtype: str | None = None,
     overrides["param_dtype"] = param_dtype
   name = str(path)
   if name.startswith(GGUF_PREFIX) or name.endswith(".gguf"):
-    from cot2align_jax.models import gguf
     file = gguf.find_gguf(name[len(GGUF_PREFIX):]) if name.startswith(GGUF_PREFIX) else Path(name)
     if not file.exists():
       raise ModelError(f"checkpoint not found: {file} does not exist")
@@ -247,10 +247,10 @@ def load_tokenizer(path: str | os.PathLike):
   (transformers AutoTokenizer, `trust_remote_code` off) or from a GGUF's metadata."""
   name = str(path)
   if name.startswith(GGUF_PREFIX) or name.endswith(".gguf"):
-    from cot2align_jax.models import gguf
     file = gguf.find_gguf(name[len(GGUF_PREFIX):]) if name.startswith(GGUF_PREFIX) else Path(name)
     if not file.exists():
       raise ModelError(f"checkpoint not found: {file} does not exist")
     return gguf.load_gguf_tokenizer(file)
+  # transformers: slow to import, needed only for tokenizers.
   from transformers import AutoTokenizer
   return AutoTokenizer.from_pretrained(str(resolve_checkpoint(path)), trust_remote_code=False)

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cot2align_jax.core.numerics import F32
 from cot2align_jax.models.config import ModelConfig, RopeSpec
 
-F32 = jnp.float32
 NEG_INF = float(np.finfo(np.float32).min)
 
 

@@ -1,1 +1,2 @@
-"""Mesh and sharding rules, train state, pure train/eval steps, Orbax checkpoints, the loop."""
+"""Config, building the problem, mesh and sharding rules, train state, pure train/eval steps,
+metrics, Orbax checkpoints, the loop, restoring runs."""

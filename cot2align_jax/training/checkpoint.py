@@ -1,30 +1,16 @@
-"""Orbax checkpoints: a pytree of jax arrays + a grain iterator + the run config.
+"""Orbax checkpoints: a pytree of jax arrays + a grain iterator + the run config
+(docs/architecture.md §10).
 
-One step directory per saved step (``<workdir>/<step>/``) holding three items::
+    ckpt = Checkpointer(workdir / "checkpoints", CheckpointConfig(save_every=500))
+    ckpt.save(step, state, data_iter=it, config=cfg_dict, metrics=dev)   # asynchronous
+    step, state, saved_cfg = ckpt.restore(abstract_like(state, shardings), data_iter=it)
 
-  state/       the train-state pytree (``ocp.args.StandardSave``; any pytree of
-               jax arrays, sharded or not)
-  data_iter/   the grain iterator state (``grain.checkpoint.CheckpointSave``,
-               one JSON file per process)
-  meta/        ``{"step", "config", "metrics"}`` as JSON
-  metrics/     written by orbax itself when a best metric is tracked
-
-Retention is an orbax ``preservation_policy``: the latest ``keep`` steps, plus
-the best step by ``best_metric`` when one is set.  Saves are asynchronous: orbax
-writes into ``<step>.orbax-checkpoint-tmp-<ts>`` and renames it to ``<step>``
-only once every item is committed (``AtomicRenameTemporaryPath`` on local
-disks; ``commit_success.txt`` on GCS), and ``CheckpointManager`` lists only
-finalized steps, so a half-written save is never taken for the latest one.
-If the latest finalized step still fails to restore (a deleted or truncated
-file), :meth:`Checkpointer.restore` logs a warning and falls back to the
-previous step.
-
-Restoring goes through ``jax.ShapeDtypeStruct`` leaves that carry the target
-sharding (see :func:`abstract_like`), so a checkpoint written on one mesh
-restores onto any other mesh shape or onto a single device.
-
-:class:`PreemptionGuard` turns SIGTERM (preemptible TPU VMs) into a flag the
-training loop polls; the loop then saves with ``force=True`` and exits 0.
+One directory per saved step, ``<dir>/<step>/``, with items ``state/`` (StandardSave),
+``data_iter/`` (the grain iterator state, one JSON per process) and ``meta/`` (``{"step",
+"config", "metrics"}``). Retention: the latest ``keep`` steps plus the best by ``best_metric``.
+Only finalized (atomically renamed) steps are listed; a latest step that fails to restore falls
+back to the previous one. Restoring targets ``jax.ShapeDtypeStruct`` leaves carrying the
+current sharding (any mesh). :class:`PreemptionGuard` turns SIGTERM into a flag the loop polls.
 """
 
 from __future__ import annotations

@@ -1,15 +1,19 @@
-"""Experiment configs (ml_collections ConfigDicts, configs/*.py) → typed dataclasses.
+"""Experiment configs (configs/*.py, ml_collections ConfigDicts) → typed dataclasses.
 
-    cfg = load_config("configs/tiny.py", "sft", overrides={"train.steps": 4})
-    kd = kd_config(cfg)              # losses.methods.KDConfig (with its ot.OTConfig)
+    cfg = load_config("configs/tiny.py", "cot2align,base=uld", overrides={"train.steps": 4})
+    validate(cfg)                          # unknown key or bad value → ConfigError (one line)
+    kd = kd_config(cfg)                    # losses.methods.KDConfig (+ OTConfig, method params)
+    method = method_of(kd)                 # losses.methods.Method (what the method needs)
+    train, data, mesh = train_config(cfg), data_config(cfg), mesh_config(cfg)
+    student = model_spec(cfg, "student")   # ModelSpec (+ LoRAConfig)
     opt = optim_config(cfg, total_steps=1000)   # training.state.OptimConfig
-    pipe = pipeline_config(cfg, batch_size=8, num_epochs=None)  # data.pipeline.PipelineConfig
-    ck = checkpoint_config(cfg)      # training.checkpoint.CheckpointConfig
+    pipe = pipeline_config(cfg, batch_size=8)   # data.pipeline.PipelineConfig
+    ck = checkpoint_config(cfg)            # training.checkpoint.CheckpointConfig
 
-Every section of the ConfigDict is checked against the dataclass it feeds (and against the
-layout of configs/base.py): an unknown key raises `ConfigError` with one line naming the key and
-listing the valid ones. Config files may load sibling files with `load_sibling(__file__, name)`
-(no package import needed, so `--config=path/to/file.py` works from any directory).
+The keys of every section and their defaults are the fields of the section dataclasses
+(`section_defaults()`); `defaults()` turns them into the ConfigDict that configs/base.py starts
+from, and validation walks a config against it. Config files parse their `arg` with
+`parse_arg` and load sibling files with `load_sibling`. See docs/config.md.
 """
 
 from __future__ import annotations
@@ -18,23 +22,18 @@ import dataclasses
 import importlib.util
 import inspect
 import os
+import types
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import ml_collections
 
-# The top-level sections of every experiment config (configs/base.py) and the keys each one
-# has besides the dataclass fields it feeds.
-SECTIONS = ("student", "teacher", "data", "kd", "optim", "mesh", "checkpoint", "train")
-MODEL_KEYS = ("path", "tiny", "dtype", "param_dtype", "init", "remat", "valid_vocab_size", "lora",
-              "sharding")
-LORA_KEYS = ("enabled", "rank", "alpha", "dropout", "target_modules")
-DATA_KEYS = ("dataset", "split", "source", "max_examples", "rationales", "cot_rule",
-             "dev_split", "dev_max_examples")
-PIPELINE_DERIVED = ("num_epochs", "shard_index", "shard_count")  # set by the loop, not the config
-MESH_KEYS = ("data", "fsdp", "tensor")
-TRAIN_KEYS = ("steps", "epochs", "seed", "log_every", "eval_every", "eval_batches", "dev_metric",
-              "export", "export_dtype")
+from cot2align_jax.data.pipeline import PipelineConfig
+from cot2align_jax.losses import divergences as dv
+from cot2align_jax.losses.methods import METHODS, KDConfig, Method, get_method
+from cot2align_jax.losses.ot import OTConfig
+from cot2align_jax.training.checkpoint import CheckpointConfig
+from cot2align_jax.training.state import OptimConfig
 
 
 class ConfigError(ValueError):
@@ -42,7 +41,234 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# Loading config files
+# The section dataclasses (those not defined by the modules they feed)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """LoRA of the student (the teacher is frozen): rank, alpha (scale alpha / rank) and the HF
+  (PEFT) module names it adapts (LORA_MODULES). dropout is accepted and not applied. Base
+  weights stay frozen; A·B is merged into them on export. The paper's values (docs/method.md
+  §5)."""
+  enabled: bool = False
+  rank: int = 256
+  alpha: float = 8.0
+  dropout: float = 0.1
+  # HF module names of the Llama family; GPT-2: c_attn, c_proj, c_fc.
+  target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                     "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """A student / teacher section: where the weights come from and how to hold them.
+
+  path: HF checkpoint dir, Hub name (online only) or gguf:<name>; tiny: a tiny-model spec
+  ("d=32,layers=2") instead of a path (tests, demo); dtype / param_dtype: compute / storage
+  dtype; init: "pretrained" | "random"; remat: rematerialise the blocks; valid_vocab_size:
+  logits past it are -inf (0 = all rows, -1 = the tokenizer's length when the embedding has
+  padding rows, as Qwen's); sharding: "rules" (logical-axis rules over the mesh, FSDP/tensor)
+  or "replicated" (a full copy on every device: small teachers, no gathers in the step).
+  """
+  path: str = ""
+  tiny: str = ""
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  init: str = "pretrained"
+  remat: bool = False
+  valid_vocab_size: int = 0
+  lora: LoRAConfig = LoRAConfig()
+  sharding: str = "rules"
+
+  def __post_init__(self):
+    if self.init not in ("pretrained", "random"):
+      raise ConfigError(f"init must be 'pretrained' or 'random', got {self.init!r}")
+    if self.sharding not in ("rules", "replicated"):
+      raise ConfigError(f"sharding must be 'rules' or 'replicated', got {self.sharding!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What to train on. The data section also holds the PipelineConfig fields (PIPELINE_KEYS).
+
+  dataset / split: a data.sources registry name and its split; source: the data directory
+  ("" = shared/data); max_examples: the first N examples (0 = all); rationales: JSONL
+  {"id", "rationale"} of the teacher's CoT ("" = no CoT records); cot_rule: which examples get
+  a CoT record; dev_split / dev_max_examples: the dev evaluation ("" = none; 0 = all);
+  alignment: "auto" (what the method needs) or comma-separated PipelineConfig.alignment names
+  ("" = none).
+  """
+  dataset: str = "dolly"
+  split: str = "train"
+  source: str = ""
+  max_examples: int = 0
+  rationales: str = ""
+  cot_rule: str = "nonempty_input"
+  dev_split: str = "dev"
+  dev_max_examples: int = 0
+  alignment: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Devices along the data × fsdp × tensor mesh axes (data -1 = all devices left)."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The loop. steps: optimizer steps (0 = `epochs` passes over the data); seed: models,
+  projectors and the step's randomness; log_every: steps per metrics line; eval_every: steps
+  per dev evaluation (0 = once per epoch, -1 = never); eval_batches: dev batches per
+  evaluation (0 = the whole dev split); dev_metric: "" (dev loss only) or "rouge_l"
+  (generation ROUGE-L); export: save_pretrained of the student to workdir/export at the end,
+  in export_dtype ("" = the parameters' dtype)."""
+  steps: int = 0
+  epochs: int = 20
+  seed: int = 10
+  log_every: int = 10
+  eval_every: int = 0
+  eval_batches: int = 0
+  dev_metric: str = ""
+  export: bool = True
+  export_dtype: str = ""
+
+
+# PipelineConfig fields the loop sets (epochs from train.*, this host's shard): not config keys.
+_SET_BY_LOOP = ("num_epochs", "shard_index", "shard_count")
+_DATA_FIELDS = tuple(f.name for f in dataclasses.fields(DataConfig))
+# The keys of the data section that go to PipelineConfig (data.alignment is resolved first).
+PIPELINE_KEYS = tuple(f.name for f in dataclasses.fields(PipelineConfig)
+                      if f.name not in _SET_BY_LOOP and f.name not in _DATA_FIELDS)
+# KDConfig fields that are sections of their own in the config (see `defaults`).
+_KD_DERIVED = ("divergence_params", "method_params")
+
+
+def section_defaults() -> dict[str, Any]:
+  """The dataclass instance whose fields are the keys (and defaults) of each top-level section."""
+  return {
+      "student": ModelSpec(),
+      "teacher": ModelSpec(),
+      "data": DataConfig(),
+      "kd": KDConfig(),
+      "optim": OptimConfig(),
+      "mesh": MeshConfig(),
+      "checkpoint": CheckpointConfig(save_every=500),  # save_every has no dataclass default
+      "train": TrainConfig(),
+  }
+
+
+def divergence_defaults() -> dict[str, Any]:
+  """Every keyword parameter of the divergences (losses.divergences) with its default."""
+  out: dict[str, Any] = {}
+  for fn in dv.DIVERGENCES.values():
+    for p in inspect.signature(fn).parameters.values():
+      if p.kind == inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty:
+        out.setdefault(p.name, p.default)
+  return out
+
+
+def method_param_defaults() -> dict[str, Any]:
+  """{method name: its params dataclass instance} of the registered methods that have one."""
+  return {name: m.params() for name, m in sorted(METHODS.items()) if m.params is not None}
+
+
+def to_config_dict(instance: Any, *, skip: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """A dataclass instance as a ConfigDict (dataclass-valued fields become sub-ConfigDicts)."""
+  skip = set(skip)
+  out = {}
+  for f in dataclasses.fields(instance):
+    if f.name in skip:
+      continue
+    value = getattr(instance, f.name)
+    out[f.name] = to_config_dict(value) if dataclasses.is_dataclass(value) else value
+  return ml_collections.ConfigDict(out)
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """The experiment ConfigDict of the dataclass defaults (configs/base.py starts from it).
+
+  Besides each section dataclass's fields: data holds PIPELINE_KEYS, kd.divergence_params every
+  divergence parameter, and kd.<method> the params of each method that has them.
+  """
+  c = ml_collections.ConfigDict()
+  for name, instance in section_defaults().items():
+    c[name] = to_config_dict(instance, skip=_KD_DERIVED if name == "kd" else ())
+  pipeline = PipelineConfig()
+  with c.data.unlocked():
+    for key in PIPELINE_KEYS:
+      c.data[key] = getattr(pipeline, key)
+  with c.kd.unlocked():
+    c.kd.divergence_params = ml_collections.ConfigDict(divergence_defaults())
+    for name, params in method_param_defaults().items():
+      c.kd[name] = to_config_dict(params)
+  return c
+
+
+# --------------------------------------------------------------------------------------------
+# The config-file arg: "a,b,key=value"
+# --------------------------------------------------------------------------------------------
+
+
+def _convert_arg(key: str, text: str, default: Any, where: str) -> Any:
+  """`text` as the type of `default` (bool: true/false/1/0; None default: the string)."""
+  try:
+    if isinstance(default, bool):
+      low = text.strip().lower()
+      if low in ("true", "1"):
+        return True
+      if low in ("false", "0"):
+        return False
+      raise ValueError("expected true/false/1/0")
+    if default is None or isinstance(default, str):
+      return text
+    return type(default)(text)
+  except ValueError as e:
+    raise ConfigError(f"{where}: bad value {text!r} for {key!r} "
+                      f"({type(default).__name__}: {e})") from None
+
+
+def parse_arg(arg: str | None, spec: Mapping[str, Any], *,
+              where: str = "config arg") -> types.SimpleNamespace:
+  """The items of a config file's `arg` over the defaults in `spec`.
+
+  `arg` is a comma-separated list; an item is `key=value` or a bare value that fills the next
+  positional key (the keys of `spec`, in order). Values take the type of their default.
+  "cot2align,base=uld" with spec {"method": "sft", "base": ""} → (method="cot2align",
+  base="uld"). An unknown key, a key given twice, too many positionals or a bad value raise
+  ConfigError (one line, prefixed with `where`).
+  """
+  keys = list(spec)
+  values = dict(spec)
+  given: set[str] = set()
+  positional = 0
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, sep, text = item.partition("=")
+    if sep:
+      key = key.strip()
+      if key not in spec:
+        raise ConfigError(f"{where}: unknown key {key!r} in {arg!r}; keys: {', '.join(keys)}")
+    else:
+      while positional < len(keys) and keys[positional] in given:
+        positional += 1
+      if positional >= len(keys):
+        raise ConfigError(f"{where}: too many values in {arg!r}; keys: {', '.join(keys)}")
+      key, text = keys[positional], item
+    if key in given:
+      raise ConfigError(f"{where}: {key!r} given twice in {arg!r}")
+    given.add(key)
+    values[key] = _convert_arg(key, text.strip(), spec[key], where)
+  return types.SimpleNamespace(**values)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading config files and setting keys
 # --------------------------------------------------------------------------------------------
 
 
@@ -87,7 +313,11 @@ def load_config(path: str | os.PathLike, arg: str | None = None,
   return cfg
 
 
-def _valid_keys(node: ml_collections.ConfigDict) -> str:
+def _is_node(value: Any) -> bool:
+  return isinstance(value, (ml_collections.ConfigDict, dict))
+
+
+def _valid_keys(node) -> str:
   return ", ".join(sorted(node.keys()))
 
 
@@ -95,10 +325,9 @@ def check_key(cfg: ml_collections.ConfigDict, dotted: str) -> None:
   """ConfigError (one line, listing the valid keys at that level) unless `dotted` exists."""
   node, parts = cfg, dotted.split(".")
   for i, part in enumerate(parts):
-    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+    if not _is_node(node) or part not in node:
       where = ".".join(parts[:i]) or "<top>"
-      valid = _valid_keys(node) if isinstance(node, (ml_collections.ConfigDict, dict)) else (
-          "(none: it is a value)")
+      valid = _valid_keys(node) if _is_node(node) else "(none: it is a value)"
       raise ConfigError(f"unknown config key {dotted!r}: no {part!r} in {where}; "
                         f"valid keys: {valid}")
     node = node[part]
@@ -111,182 +340,177 @@ def set_key(cfg: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
   node = cfg
   for part in parents:
     node = node[part]
-  with node.unlocked() if hasattr(node, "unlocked") else _null():
+  if isinstance(node, ml_collections.ConfigDict):
+    with node.unlocked():
+      node[last] = value
+  else:
     node[last] = value
 
 
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
-
-
 # --------------------------------------------------------------------------------------------
-# Section → dataclass
+# Validation: walking a config against the defaults tree
 # --------------------------------------------------------------------------------------------
+
+
+def check_keys(node, reference, where: str = "") -> None:
+  """ConfigError (one line) for the first key of `node` that `reference` (a defaults() tree)
+  lacks, naming it and listing the valid keys at its level."""
+  level = where or "<top>"
+  for key in sorted(node.keys()):
+    if key not in reference:
+      raise ConfigError(f"unknown config key {level}.{key}; valid keys in {level}: "
+                        f"{_valid_keys(reference)}")
+    path = f"{where}.{key}" if where else key
+    if _is_node(reference[key]):
+      if not _is_node(node[key]):
+        raise ConfigError(f"config key {path} must be a section with keys: "
+                          f"{_valid_keys(reference[key])}")
+      check_keys(node[key], reference[key], path)
+
+
+def check_layout(cfg: ml_collections.ConfigDict) -> None:
+  """Every section of defaults() is there and every key of cfg is one of defaults()."""
+  reference = defaults()
+  check_keys(cfg, reference)
+  for name in reference:
+    if name not in cfg:
+      raise ConfigError(f"config has no section {name!r}; sections: {_valid_keys(reference)}")
 
 
 def _plain(value: Any) -> Any:
   """ConfigDict / FieldReference / list → plain Python (lists become tuples)."""
   if isinstance(value, ml_collections.FieldReference):
     value = value.get()
-  if isinstance(value, (ml_collections.ConfigDict, dict)):
+  if _is_node(value):
     return {k: _plain(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
     return tuple(_plain(v) for v in value)
   return value
 
 
-def _check_keys(section: str, given: Iterable[str], allowed: Iterable[str]) -> None:
-  allowed = set(allowed)
-  unknown = sorted(set(given) - allowed)
-  if unknown:
-    raise ConfigError(f"unknown config key {section}.{unknown[0]}; valid keys in {section}: "
-                      f"{', '.join(sorted(allowed))}")
+def _overlay(base: dict, given: Mapping[str, Any]) -> dict:
+  out = dict(base)
+  for k, v in given.items():
+    out[k] = _overlay(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+  return out
 
 
 def section(cfg: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
-  """cfg[name] as a plain dict (ConfigError if the section is missing)."""
+  """cfg[name] as a plain dict over the section's defaults (keys checked; ConfigError if the
+  section is missing or has an unknown key)."""
+  reference = defaults()
   if name not in cfg:
     raise ConfigError(f"config has no section {name!r}; sections: {_valid_keys(cfg)}")
+  if name in reference:
+    check_keys(cfg[name], reference[name], name)
+    return _overlay(_plain(reference[name]), _plain(cfg[name]))
   return _plain(cfg[name])
 
 
-def to_dataclass(cls, values: Mapping[str, Any], section_name: str, *, extra: Iterable[str] = (),
+def to_dataclass(cls, values: Mapping[str, Any], section_name: str, *,
                  exclude: Iterable[str] = (), **fixed):
-  """cls(**values) after rejecting keys that are neither fields of cls nor in `extra`.
-
-  Keys in `extra` are accepted and dropped; `exclude` fields may not be given (they are set by
-  the caller through `fixed`). Values for tuple-typed fields are turned into tuples.
-  """
-  fields = {f.name for f in dataclasses.fields(cls)}
-  exclude = set(exclude)
-  _check_keys(section_name, values, (fields - exclude) | set(extra))
-  kwargs = {k: v for k, v in values.items() if k in fields and k not in exclude}
-  kwargs.update(fixed)
+  """cls(**values, **fixed); `values` keys must be fields of cls not in `exclude` (those the
+  caller sets through `fixed`). A field's bad value → ConfigError naming the section."""
+  allowed = {f.name for f in dataclasses.fields(cls)} - set(exclude)
+  unknown = sorted(set(values) - allowed)
+  if unknown:
+    raise ConfigError(f"unknown config key {section_name}.{unknown[0]}; valid keys in "
+                      f"{section_name}: {', '.join(sorted(allowed))}")
   try:
-    return cls(**kwargs)
+    return cls(**{**values, **fixed})
   except (TypeError, ValueError) as e:
+    if isinstance(e, ConfigError):
+      raise ConfigError(f"{section_name}.{e}") from None
     raise ConfigError(f"bad {section_name} config: {e}") from None
 
 
-def check_layout(cfg: ml_collections.ConfigDict) -> None:
-  """The sections of configs/base.py and, in the model/data/mesh/train sections, their keys."""
-  _check_keys("<top>", cfg.keys(), SECTIONS)
-  for name in SECTIONS:
-    if name not in cfg:
-      raise ConfigError(f"config has no section {name!r}; sections: {', '.join(SECTIONS)}")
-  for side in ("student", "teacher"):
-    _check_keys(side, cfg[side].keys(), MODEL_KEYS)
-    if "lora" in cfg[side]:
-      _check_keys(f"{side}.lora", cfg[side].lora.keys(), LORA_KEYS)
-  _check_keys("mesh", cfg.mesh.keys(), MESH_KEYS)
-  _check_keys("train", cfg.train.keys(), TRAIN_KEYS)
+# --------------------------------------------------------------------------------------------
+# Typed sections
+# --------------------------------------------------------------------------------------------
 
 
-def kd_config(cfg: ml_collections.ConfigDict):
-  """losses.methods.KDConfig of cfg.kd (cfg.kd.ot → losses.ot.OTConfig).
-
-  `kd.divergence_params` holds every divergence parameter (lam, mu, beta, ...); only those the
-  chosen divergence takes are passed on (others are ignored, so switching the divergence on the
-  command line needs no other change).
-  """
-  from cot2align_jax.losses import divergences as dv  # pylint: disable=g-import-not-at-top
-  from cot2align_jax.losses.methods import KDConfig  # pylint: disable=g-import-not-at-top
-  from cot2align_jax.losses.ot import OTConfig  # pylint: disable=g-import-not-at-top
+def kd_config(cfg: ml_collections.ConfigDict) -> KDConfig:
+  """losses.methods.KDConfig of cfg.kd: kd.ot → OTConfig, kd.<method> → method_params, and of
+  kd.divergence_params (all parameters) those the chosen divergence takes."""
   values = section(cfg, "kd")
-  ot = to_dataclass(OTConfig, values.pop("ot", {}), "kd.ot")
-  params = values.pop("divergence_params", {}) or {}
-  name = values.get("divergence", "fkl")
+  ot = to_dataclass(OTConfig, values.pop("ot"), "kd.ot")
+  params = values.pop("divergence_params")
+  method_params = tuple(
+      (name, to_dataclass(type(default), values.pop(name), f"kd.{name}"))
+      for name, default in method_param_defaults().items())
   try:
-    fn = dv.get_divergence(name)
+    fn = dv.get_divergence(values["divergence"])
   except ValueError as e:
     raise ConfigError(f"kd.divergence: {e}") from None
-  accepted = {p.name for p in inspect.signature(fn).parameters.values()
-              if p.kind == inspect.Parameter.KEYWORD_ONLY}
-  div_params = tuple(sorted((k, float(v)) for k, v in params.items() if k in accepted))
-  kd = to_dataclass(KDConfig, values, "kd", exclude=("ot", "divergence_params"), ot=ot,
-                    divergence_params=div_params)
-  from cot2align_jax.losses.methods import method_from_config  # pylint: disable=g-import-not-at-top
-  try:
-    method_from_config(kd)
-  except ValueError as e:
-    raise ConfigError(f"kd.method: {e}") from None
+  div_params = tuple(sorted(
+      (p.name, type(p.default)(params[p.name]))
+      for p in inspect.signature(fn).parameters.values()
+      if p.kind == inspect.Parameter.KEYWORD_ONLY and p.name in params))
+  kd = to_dataclass(KDConfig, values, "kd", exclude=_KD_DERIVED + ("ot",), ot=ot,
+                    divergence_params=div_params, method_params=method_params)
+  method_of(kd)
   return kd
 
 
-def optim_config(cfg: ml_collections.ConfigDict, **fixed):
-  """training.state.OptimConfig of cfg.optim; `fixed` (e.g. total_steps) override it."""
-  from cot2align_jax.training.state import OptimConfig  # pylint: disable=g-import-not-at-top
+def method_of(kd: KDConfig) -> Method:
+  """The registered method of a KD config (its alignment, vocab map, forwards...)."""
+  try:
+    return get_method(kd.method, kd.base)
+  except ValueError as e:
+    raise ConfigError(f"kd.method: {e}") from None
+
+
+def optim_config(cfg: ml_collections.ConfigDict, *, derived_steps: int = 0,
+                 **fixed) -> OptimConfig:
+  """training.state.OptimConfig of cfg.optim; optim.total_steps 0 means `derived_steps` (the
+  loop's schedule); `fixed` (e.g. total_steps) override both."""
   values = section(cfg, "optim")
-  values.update(fixed)
-  return to_dataclass(OptimConfig, values, "optim")
+  values["total_steps"] = values["total_steps"] or derived_steps
+  return to_dataclass(OptimConfig, {**values, **fixed}, "optim")
 
 
-def pipeline_config(cfg: ml_collections.ConfigDict, **fixed):
-  """data.pipeline.PipelineConfig of the pipeline keys of cfg.data.
-
-  `data.alignment` is a comma-separated string ("" = none, "auto" = what the method needs);
-  pass the resolved tuple in `fixed["alignment"]`. num_epochs / shard_* are set by the caller.
-  """
-  from cot2align_jax.data.pipeline import PipelineConfig  # pylint: disable=g-import-not-at-top
+def data_config(cfg: ml_collections.ConfigDict) -> DataConfig:
+  """The DataConfig fields of cfg.data (its PIPELINE_KEYS go to `pipeline_config`)."""
   values = section(cfg, "data")
-  values.update({k: v for k, v in fixed.items() if k not in PIPELINE_DERIVED})
-  if isinstance(values.get("alignment"), str):
-    values["alignment"] = tuple(a.strip() for a in values["alignment"].split(",") if a.strip())
-  if "buckets" in values:
-    values["buckets"] = tuple(int(b) for b in values["buckets"])
-  derived = {k: v for k, v in fixed.items() if k in PIPELINE_DERIVED}
-  return to_dataclass(PipelineConfig, values, "data", extra=DATA_KEYS, exclude=PIPELINE_DERIVED,
-                      **derived)
+  return to_dataclass(DataConfig, {k: values[k] for k in _DATA_FIELDS}, "data")
 
 
-def checkpoint_config(cfg: ml_collections.ConfigDict, **fixed):
+def alignment(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The per-batch alignment arrays to compute: data.alignment, "auto" = what the method
+  needs (Method.alignment)."""
+  given = data_config(cfg).alignment
+  if given == "auto":
+    return tuple(method_of(kd_config(cfg)).alignment)
+  return tuple(a.strip() for a in given.split(",") if a.strip())
+
+
+def pipeline_config(cfg: ml_collections.ConfigDict, **fixed) -> PipelineConfig:
+  """data.pipeline.PipelineConfig of the PIPELINE_KEYS of cfg.data (batch_size is the global
+  batch), alignment resolved by `alignment(cfg)`; `fixed` (per-host batch_size, num_epochs,
+  shard_*) override them."""
+  values = section(cfg, "data")
+  pipe = {k: values[k] for k in PIPELINE_KEYS}
+  pipe["buckets"] = tuple(int(b) for b in pipe["buckets"])
+  if "alignment" not in fixed:
+    pipe["alignment"] = alignment(cfg)
+  return to_dataclass(PipelineConfig, {**pipe, **fixed}, "data")
+
+
+def mesh_config(cfg: ml_collections.ConfigDict) -> MeshConfig:
+  """MeshConfig of cfg.mesh."""
+  return to_dataclass(MeshConfig, section(cfg, "mesh"), "mesh")
+
+
+def train_config(cfg: ml_collections.ConfigDict) -> TrainConfig:
+  """TrainConfig of cfg.train."""
+  return to_dataclass(TrainConfig, section(cfg, "train"), "train")
+
+
+def checkpoint_config(cfg: ml_collections.ConfigDict, **fixed) -> CheckpointConfig:
   """training.checkpoint.CheckpointConfig of cfg.checkpoint ("" best_metric → None)."""
-  from cot2align_jax.training.checkpoint import CheckpointConfig  # pylint: disable=g-import-not-at-top
   values = section(cfg, "checkpoint")
-  if not values.get("best_metric"):
-    values["best_metric"] = None
-  values.update(fixed)
-  return to_dataclass(CheckpointConfig, values, "checkpoint")
-
-
-def alignment_for(kd) -> tuple[str, ...]:
-  """The per-batch alignment arrays a KD config's method reads ("auto")."""
-  names = {kd.method, kd.base if kd.method == "cot2align" else ""}
-  out = []
-  if "dskd_eta" in names:
-    out.append("eta")
-  if "mined" in names:
-    out.append("mined")
-  return tuple(out)
-
-
-def needs_vocab_map(kd) -> bool:
-  """Whether the method needs the MinED teacher→student vocabulary map."""
-  return kd.method == "mined" or (kd.method == "cot2align" and kd.base == "mined")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """A student/teacher section: where the weights come from and how to hold them."""
-  path: str = ""
-  tiny: str = ""
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  init: str = "pretrained"
-  remat: bool = False
-  valid_vocab_size: int = 0
-  lora: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  sharding: str = "rules"
-
-  def __post_init__(self):
-    if self.init not in ("pretrained", "random"):
-      raise ConfigError(f"init must be 'pretrained' or 'random', got {self.init!r}")
-    if self.sharding not in ("rules", "replicated"):
-      raise ConfigError(f"sharding must be 'rules' or 'replicated', got {self.sharding!r}")
+  values["best_metric"] = values["best_metric"] or None
+  return to_dataclass(CheckpointConfig, {**values, **fixed}, "checkpoint")
 
 
 # HF (PEFT) target module names -> our projection names (models/layers.py). GPT-2's `c_proj`
@@ -300,21 +524,19 @@ LORA_MODULES = {
 
 
 def lora_overrides(spec: ModelSpec) -> dict[str, Any]:
-  """ModelConfig fields (lora_rank, lora_alpha, lora_targets) of `spec.lora`; {} when off.
-  LoRA dropout is not implemented (the value is accepted and ignored)."""
-  lora = dict(spec.lora or {})
-  if not lora.get("enabled"):
+  """ModelConfig fields (lora_rank, lora_alpha, lora_targets) of `spec.lora`; {} when off."""
+  lora = spec.lora
+  if not lora.enabled:
     return {}
-  unknown = [m for m in lora.get("target_modules", ()) if m not in LORA_MODULES]
+  unknown = [m for m in lora.target_modules if m not in LORA_MODULES]
   if unknown:
     raise ConfigError(f"lora.target_modules: unknown module {unknown[0]!r}; known: "
                       f"{', '.join(LORA_MODULES)}")
-  targets = {t for m in lora.get("target_modules", ()) for t in LORA_MODULES[m]}
-  rank = int(lora.get("rank", 0))
-  if rank < 1 or not targets:
-    raise ConfigError(f"lora.enabled=True needs rank >= 1 (got {rank}) and at least one "
+  targets = {t for m in lora.target_modules for t in LORA_MODULES[m]}
+  if lora.rank < 1 or not targets:
+    raise ConfigError(f"lora.enabled=True needs rank >= 1 (got {lora.rank}) and at least one "
                       "target module")
-  return {"lora_rank": rank, "lora_alpha": float(lora.get("alpha", 8)),
+  return {"lora_rank": int(lora.rank), "lora_alpha": float(lora.alpha),
           "lora_targets": tuple(t for t in ("q", "k", "v", "o", "gate", "up", "down")
                                 if t in targets)}
 
@@ -322,8 +544,9 @@ def lora_overrides(spec: ModelSpec) -> dict[str, Any]:
 def model_spec(cfg: ml_collections.ConfigDict, side: str) -> ModelSpec:
   """The student/teacher section as a ModelSpec (LoRA is checked here; student only)."""
   values = section(cfg, side)
-  spec = to_dataclass(ModelSpec, values, side)
-  if spec.lora and spec.lora.get("enabled") and side != "student":
+  lora = to_dataclass(LoRAConfig, values.pop("lora"), f"{side}.lora")
+  spec = to_dataclass(ModelSpec, values, side, exclude=("lora",), lora=lora)
+  if lora.enabled and side != "student":
     raise ConfigError(f"{side}.lora.enabled=True: the {side} is frozen; LoRA applies to the "
                       "student only")
   try:
@@ -334,12 +557,15 @@ def model_spec(cfg: ml_collections.ConfigDict, side: str) -> ModelSpec:
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Every check that needs no model or data: layout, unknown keys, KD / pipeline / checkpoint
-  / optimiser fields (the last two only when their modules exist)."""
+  """Every check that needs no model or data: the layout (unknown keys), then every section's
+  dataclass (field values, the method, LoRA)."""
   check_layout(cfg)
   model_spec(cfg, "student")
   model_spec(cfg, "teacher")
-  kd = kd_config(cfg)
-  pipeline_config(cfg, alignment=alignment_for(kd))
-  optim_config(cfg, total_steps=max(int(cfg.optim.total_steps), 1))  # 0 = derived later
+  kd_config(cfg)
+  data_config(cfg)
+  pipeline_config(cfg)
+  optim_config(cfg, derived_steps=1)  # optim.total_steps 0: derived by the loop
   checkpoint_config(cfg)
+  mesh_config(cfg)
+  train_config(cfg)

@@ -1,25 +1,16 @@
-"""The device mesh, logical-axis sharding rules, and placing batches on the mesh.
+"""The device mesh, logical-axis sharding rules, and placing batches on the mesh
+(docs/architecture.md §7).
 
     mesh = make_mesh(data=-1, fsdp=1, tensor=1)          # -1: all the remaining devices
     shardings = state_shardings(abstract_state, mesh)    # follows the params' logical axes
     batch = shard_batch(numpy_batch, mesh)               # leading dim over ("data", "fsdp")
 
-Mesh axes: "data" (pure data parallel: parameters replicated), "fsdp" (data parallel with
-parameters and optimizer state sharded along their "embed" dimension, gathered per layer by
-XLA's SPMD partitioner) and "tensor" (Megatron-style: heads, MLP width and vocabulary split).
-Every axis is `AxisType.Auto` (the default Explicit axes break ott's Sinkhorn inside vmap over
-a sharded batch, docs/DESIGN.md).
-
-Parameters carry logical axis names in their `out_sharding` metadata (models/layers.py `param`:
-vocab, embed, heads, kv_heads, head_dim, mlp, position). `LOGICAL_RULES` maps each name to a mesh
-axis (or None = replicated). A dimension whose size the mesh axis does not divide, and a mesh
-axis already used by an earlier dimension of the same array, fall back to replication (so a
-model with 1 KV head, or an odd vocabulary, still runs on any mesh). Variables without logical
-axes (the projectors, optimizer counters, the step, the rng) are replicated.
-
-Optimizer state built by optax over an `nnx.State` keeps the `nnx.Param` nodes (with their
-metadata) around `mu` / `nu`, so `state_shardings` gives the moments the same sharding as their
-parameters by reading the same metadata.
+Mesh axes "data" (parameters replicated), "fsdp" (parameters and optimizer state sharded along
+"embed") and "tensor" (heads, MLP width, vocabulary), all `AxisType.Auto`. Parameters carry
+logical axis names in their `out_sharding` metadata (models/layers.py `param`); `LOGICAL_RULES`
+maps each to a mesh axis or to replication, falling back to replication where the mesh axis
+does not divide the dimension or is already used by the array. Variables without logical axes
+(projectors, counters, step, rng) are replicated; optimizer moments follow their parameters.
 """
 
 from __future__ import annotations
@@ -31,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 _log = logging.getLogger(__name__)
@@ -73,7 +65,6 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
     raise ValueError(f"mesh (data, fsdp, tensor) = {tuple(sizes)} needs {int(np.prod(sizes))} "
                      f"devices, have {len(devices)}")
   try:  # topology-aware device order where jax knows one (TPU slices)
-    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     grid = mesh_utils.create_device_mesh(tuple(sizes), devices=devices)
   except Exception:  # pylint: disable=broad-except
     grid = np.asarray(devices, dtype=object).reshape(sizes)

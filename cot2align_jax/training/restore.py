@@ -8,33 +8,32 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
+
+from flax import nnx
+
+from cot2align_jax.losses.methods import build_projectors, method_from_config
+from cot2align_jax.models import hf
+from cot2align_jax.training import checkpoint as ckpt_lib
+from cot2align_jax.training import config as C
+from cot2align_jax.training import setup
+from cot2align_jax.training import state as state_lib
 
 
 class RestoreError(ValueError):
   """A model or checkpoint of a run that cannot be rebuilt (missing path, bad step)."""
 
 
-def _tiny_problem(config):
-  from cot2align_jax.training import loop, tiny
-  s_dims = loop._tiny_dims(config.student.tiny or "", "student")  # pylint: disable=protected-access
-  t_dims = loop._tiny_dims(config.teacher.tiny or "", "teacher")  # pylint: disable=protected-access
-  return tiny.tiny_problem(8, student_d=s_dims.get("d", 32), teacher_d=t_dims.get("d", 48),
-                           layers=s_dims.get("layers", 2))
-
-
 def config_model(config, side: str, *, pretrained: bool = True):
   """(model, tokenizer, label) of config.<side>: the tiny problem's model (initialised as the
   training loop does: student seed train.seed, teacher train.seed + 1) or student/teacher.path
   (with pretrained=False: randomly initialised from its config.json, for checkpoint restores)."""
-  import json
-  from cot2align_jax.models import hf
-  from cot2align_jax.training import config as C
   spec = C.model_spec(config, side)
-  seed = int(config.train.seed) + (1 if side == "teacher" else 0)
+  seed = C.train_config(config).seed + (1 if side == "teacher" else 0)
   if spec.tiny:
-    prob = _tiny_problem(config)
+    prob = setup.tiny_models(config)
     cfg = prob.student_cfg if side == "student" else prob.teacher_cfg
     tok = prob.student_tok if side == "student" else prob.teacher_tok
     cfg = cfg.replace(dtype=spec.dtype, param_dtype=spec.param_dtype)
@@ -52,11 +51,10 @@ def config_model(config, side: str, *, pretrained: bool = True):
 
 
 def _teacher_width(config) -> int:
-  import json
-  from cot2align_jax.models import hf
-  if config.teacher.tiny:
-    return _tiny_problem(config).teacher_cfg.hidden_size
-  raw = json.loads((hf.resolve_checkpoint(config.teacher.path) / "config.json").read_text())
+  spec = C.model_spec(config, "teacher")
+  if spec.tiny:
+    return setup.tiny_models(config).teacher_cfg.hidden_size
+  raw = json.loads((hf.resolve_checkpoint(spec.path) / "config.json").read_text())
   return hf.config_from_hf(raw).hidden_size
 
 
@@ -71,12 +69,10 @@ class RestoredRun:
   step: int
 
   def student(self):
-    from flax import nnx
     return nnx.merge(self.student_graphdef, self.state.params)
 
   def projectors(self):
     """The trained projectors (MethodProjectors: .kd, .ot), or None for methods without any."""
-    from flax import nnx
     if self.proj_graphdef is None or self.state.proj is None:
       return None
     return nnx.merge(self.proj_graphdef, self.state.proj)
@@ -85,22 +81,19 @@ class RestoredRun:
 def train_state_from_checkpoint(config, ckpt_dir, which: str = "latest") -> RestoredRun:
   """The train state of a run's checkpoint directory: builds it as training/loop.py does and
   restores it read-only (latest, best or a step)."""
-  from flax import nnx
-  from cot2align_jax.losses.methods import build_projectors, method_from_config
-  from cot2align_jax.training import checkpoint as ckpt_lib
-  from cot2align_jax.training import config as C
-  from cot2align_jax.training import state as state_lib
   if not Path(ckpt_dir).is_dir():
     raise RestoreError(f"no export and no checkpoint directory {ckpt_dir}")
-  method = method_from_config(C.kd_config(config))
+  kd_cfg = C.kd_config(config)
+  method = method_from_config(kd_cfg)
   student, tok, _ = config_model(config, "student", pretrained=False)
   d_s = student.config.hidden_size
   d_t = _teacher_width(config) if method.needs_teacher else d_s
-  seed = int(config.train.seed)
-  projectors = build_projectors(method, d_s, d_t, rngs=nnx.Rngs(seed))
-  total = max(int(config.optim.total_steps), int(config.train.steps),
-              int(config.optim.warmup_steps) + 1, 1)
-  opt_cfg = C.optim_config(config, total_steps=total)
+  train_cfg = C.train_config(config)
+  seed = train_cfg.seed
+  projectors = build_projectors(method, d_s, d_t, rngs=nnx.Rngs(seed), kd=kd_cfg)
+  opt_cfg = C.optim_config(config, derived_steps=1)  # read-only: any valid schedule length
+  opt_cfg = dataclasses.replace(opt_cfg, total_steps=max(
+      opt_cfg.total_steps, train_cfg.steps, opt_cfg.warmup_steps + 1))
   optimizer = state_lib.make_optimizer(opt_cfg)
   state, (student_gd, proj_gd) = state_lib.init_state(student, projectors, opt_cfg, seed=seed,
                                                       optimizer=optimizer)

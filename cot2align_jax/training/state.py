@@ -1,4 +1,5 @@
-"""The train state (a pytree) and the optimizer (optax AdamW in two groups).
+"""The train state (a pytree) and the optimizer (optax AdamW in two groups; docs/architecture.md
+§8, the paper's settings in docs/method.md §5).
 
     opt_cfg = OptimConfig(lr=5e-4, total_steps=1000)
     state, (student_gd, proj_gd) = init_state(student_model, projectors, opt_cfg, seed=10)
@@ -8,24 +9,13 @@ TrainState fields: `step` int32 scalar; `params` the student's `nnx.State` of Pa
 projectors' `nnx.State` (empty for SFT); `opt_state` optax state over {"student": params,
 "proj": proj}; `rng` a PRNG key (uint32[2]) split by the step for any randomness.
 
-Optimizer (METHOD.md §5): global-norm clipping over all trainable parameters (student and
-projectors together, as torch's clip_grad_norm_ over the optimizer's parameters), then
-`optax.multi_transform` with one AdamW per group: the student at `lr` and the projectors at
-`proj_lr` (1e-3 in the paper), each on the same schedule shape; weight decay on every parameter
-except biases and norm scales (names ending in "bias", or "scale", by path).
-
-LoRA: when the student holds `LoRAParam`s (models/layers.py, ModelConfig.lora_rank > 0), only
-they (and the projectors) are trained: every other student leaf is labelled "frozen", its
-gradient is zeroed before the clipping (so the global norm covers trainable leaves only) and its
-update is `optax.set_to_zero()` (no AdamW moments, no weight decay, the weight stays bitwise
-unchanged). The LoRA factors get AdamW with weight decay like any other weight (as the paper's
-PEFT + AdamW setup). The frozen weights stay in `TrainState.params` (the step merges one tree);
-the model reads them through stop_gradient, so no weight gradient is computed for them, but
-their (zero) gradient buffers may still be materialised. Gradient
-accumulation over `accumulate` micro-batches happens inside the train step (training/steps.py),
-which then calls the optimizer once with the exactly weighted gradient; `make_optimizer(...,
-multisteps=True)` gives the optax.MultiSteps alternative (one micro-batch per call, gradients
-averaged with equal weights: exact only when every micro-batch has the same token count).
+Optimizer: global-norm clipping over student and projectors together, then one AdamW per group
+(the student at `lr`, the projectors at `proj_lr`), no weight decay on biases and norm scales.
+With LoRA factors in the student (models/layers.py `LoRAParam`) only they and the projectors
+train: the other student leaves are labelled "frozen" (gradient zeroed before the clipping,
+update `optax.set_to_zero()`, the weight bitwise unchanged). Gradient accumulation is done by
+the train step (training/steps.py); `make_optimizer(..., multisteps=True)` gives optax.MultiSteps
+instead (equal-weight average: exact only when every micro-batch has the same token count).
 """
 
 from __future__ import annotations
@@ -38,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from cot2align_jax.models.layers import LoRAParam
 
 SCHEDULES = ("cosine", "linear", "constant")
 FROZEN = "frozen"
@@ -131,7 +123,6 @@ def _is_var(x) -> bool:
 def _labels(tree) -> dict:
   """The group of every leaf: its top-level key ("student" / "proj"), or FROZEN for the
   student's non-LoRA leaves when the student has LoRA factors."""
-  from cot2align_jax.models.layers import LoRAParam  # pylint: disable=g-import-not-at-top
   out = {}
   for k, v in tree.items():
     lora = k == "student" and any(isinstance(n, LoRAParam)

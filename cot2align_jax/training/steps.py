@@ -1,4 +1,4 @@
-"""Pure, jitted train and eval steps.
+"""Pure, jitted train and eval steps (docs/architecture.md §6).
 
     train_step = make_train_step(student_gd, teacher_gd, proj_gd, method, kd_cfg, optimizer,
                                  mesh=mesh, accumulate=opt_cfg.accumulate)
@@ -6,29 +6,18 @@
     metrics = make_eval_step(student_gd, teacher_gd, proj_gd, method, kd_cfg, mesh=mesh)(
         state, teacher_params, batch)
 
-One step: teacher forward on the main view (inputs stop_gradient-ed, never differentiated) ->
-student forward -> the method's objective (losses/methods.py) -> gradients w.r.t. the student
-and projector parameters -> optax update. Metrics are {name: (sum, count)} float32 pairs over
-the global batch (XLA reduces over the mesh), so averages over hosts and accumulation steps are
-exact: the loop adds sums and counts and divides once.
+One step: teacher forward on the main view (under stop_gradient) -> student forward -> the
+method's objective (losses/methods/) -> gradients w.r.t. the student and projector parameters
+-> optax update. Metrics are {name: (sum, count)} float32 pairs over the global batch; the
+loop reduces them with training/metrics.py `reduce_metrics`.
 
-Paired views (METHOD §3): the student's and teacher's forwards on "pair/..." run only when the
-method uses them (cot2align with the cross_a term needs the student's pair view, cross_b the
-teacher's) and, with `pair_saving=True` (default), only when some row of the (micro-)batch has a
-pair: they sit in a `jax.lax.cond` on any(has_pair) whose other branch returns zeros of the same
-shapes (rows without a pair contribute exactly 0 to the cross terms either way, so the loss and
-gradients are unchanged). The saving materialises when batches without any pair occur, e.g. when
-the input pipeline groups records by has_pair. Pair forwards compute hidden states only (the OT
-terms never read pair logits), which skips the pair views' LM heads in every case.
-
-Gradient accumulation (`accumulate=k`): the step receives the whole batch of k·B rows and scans
-over k micro-batches (rows i, i+k, i+2k, ... form micro-batch i, so each device's share of the
-batch contributes to every micro-batch), summing gradients of each micro-batch's share of the
-full-batch loss: token-normalised terms are divided by the full batch's response-token count,
-the per-sequence OT block by the full batch size. The result equals one step on the whole batch
-up to float rounding, except for statistics a loss computes over its batch (DSKD's global std
-normalisation of teacher states uses the micro-batch's). Peak activation memory is that of one
-micro-batch.
+Paired views (docs/method.md §3) run only when the method's OT terms read them (cross_a: the
+student's, cross_b: the teacher's), as hidden states only, and with `pair_saving=True` inside a
+`lax.cond` on any(has_pair) whose other branch returns zeros (rows without a pair contribute 0
+to the cross terms either way). `accumulate=k` scans over k micro-batches (rows i, i+k, ...),
+each contributing its share of the full batch's loss, so the update equals one step on the
+whole batch up to rounding (except a statistic a loss takes over its batch: DSKD-CMA's teacher
+stds are the micro-batch's).
 """
 
 from __future__ import annotations
@@ -37,18 +26,18 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cot2align_jax.data import spec
-from cot2align_jax.losses.methods import KDConfig, LossInputs, Method, objective
+from cot2align_jax.core import spec
+from cot2align_jax.core.numerics import F32
+from cot2align_jax.losses.methods import KDConfig, LossInputs, Method, objective, ot_config
+from cot2align_jax.losses.ot_layers import hidden_states_request
 from cot2align_jax.models.transformer import ModelOutput
 from cot2align_jax.training import mesh as mesh_lib
 from cot2align_jax.training.state import TrainState
 
-F32 = jnp.float32
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
 
@@ -56,8 +45,13 @@ def pair_views_needed(method: Method, kd_cfg: KDConfig) -> tuple[bool, bool]:
   """(student needs the pair view, teacher needs the pair view) for this method."""
   if not method.ot:
     return False, False
-  terms = kd_cfg.ot.terms
+  terms = ot_config(kd_cfg, method).terms
   return "cross_a" in terms, "cross_b" in terms
+
+
+def hidden_states_needed(method: Method, kd_cfg: KDConfig) -> str:
+  """The forwards' `hidden_states`: "ends", or "all" when the OT block compares other layers."""
+  return hidden_states_request(ot_config(kd_cfg, method).layers) if method.ot else "ends"
 
 
 def _ids(batch, view, side):
@@ -74,17 +68,18 @@ def make_forward(student_graphdef, teacher_graphdef, proj_graphdef, method: Meth
   """loss_fn(trainable {"student", "proj"}, teacher_params, batch) -> (loss, metrics): the
   forwards and the objective of one (micro-)batch, differentiable w.r.t. `trainable`."""
   need_s_pair, need_t_pair = pair_views_needed(method, kd_cfg)
+  states = hidden_states_needed(method, kd_cfg)
   vmap_arr = None if vocab_map is None else jnp.asarray(vocab_map, jnp.int32)
 
   def pair_forwards(params, tparams, batch):
     out_s, out_t = (), ()
     if need_s_pair:
       student = nnx.merge(student_graphdef, params)
-      out_s = student(*_ids(batch, "pair", "student"), hidden_states="ends",
+      out_s = student(*_ids(batch, "pair", "student"), hidden_states=states,
                       logits="none").hidden_states
     if need_t_pair:
       teacher = nnx.merge(teacher_graphdef, tparams)
-      out_t = teacher(*_ids(batch, "pair", "teacher"), hidden_states="ends",
+      out_t = teacher(*_ids(batch, "pair", "teacher"), hidden_states=states,
                       logits="none").hidden_states
     return out_s, out_t
 
@@ -92,7 +87,7 @@ def make_forward(student_graphdef, teacher_graphdef, proj_graphdef, method: Meth
     params, proj = trainable["student"], trainable["proj"]
     student = nnx.merge(student_graphdef, params)
     projectors = nnx.merge(proj_graphdef, proj) if proj_graphdef is not None else None
-    s_main = student(*_ids(batch, "main", "student"), hidden_states="ends")
+    s_main = student(*_ids(batch, "main", "student"), hidden_states=states)
     s_out: dict[str, Any] = {"main": s_main, "pair": None}
     t_out: dict[str, Any] = {"main": None, "pair": None}
     teacher_embed = teacher_head = None
@@ -100,7 +95,7 @@ def make_forward(student_graphdef, teacher_graphdef, proj_graphdef, method: Meth
     if method.needs_teacher:
       tparams = jax.lax.stop_gradient(teacher_params)
       teacher = nnx.merge(teacher_graphdef, tparams)
-      t_main = teacher(*_ids(batch, "main", "teacher"), hidden_states="ends")
+      t_main = teacher(*_ids(batch, "main", "teacher"), hidden_states=states)
       t_out["main"] = jax.lax.stop_gradient(t_main)
       teacher_embed, teacher_head = teacher.embed[...], teacher.output_matrix()
     if need_s_pair or need_t_pair:
@@ -299,14 +294,3 @@ def make_eval_step(student_graphdef, teacher_graphdef, proj_graphdef, method: Me
     return eval_step
   return _LazyJit(eval_step, mesh, state_shardings, teacher_shardings, batch_shardings,
                   n_out_state=False, donate=False, compiler_options=compiler_options)
-
-
-def reduce_metrics(metrics_list) -> dict[str, float]:
-  """Host-side: add (sum, count) pairs over steps, then divide once -> {name: mean}."""
-  sums: dict[str, list[float]] = {}
-  for m in metrics_list:
-    for k, (s, c) in m.items():
-      acc = sums.setdefault(k, [0.0, 0.0])
-      acc[0] += float(np.asarray(s))
-      acc[1] += float(np.asarray(c))
-  return {k: s / c if c else float("nan") for k, (s, c) in sums.items()}

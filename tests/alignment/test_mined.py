@@ -31,6 +31,7 @@ def random_strings(rng, n, alphabet="abcé日\udce6 ", max_len=8):
 @pytest.fixture(scope="module")
 def tables(shared):
   """name -> TokenBytes for qwen1.5 (teacher) and gpt2 (student), loaded once."""
+  # heavy import, needed only for this reference
   from transformers import AutoTokenizer
   return {name: TokenBytes.from_tokenizer(AutoTokenizer.from_pretrained(
     str(shared / "tokenizers" / name))) for name in ("qwen1.5", "gpt2")}

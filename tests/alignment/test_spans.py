@@ -25,6 +25,7 @@ RESPONSES = [
 @pytest.fixture(scope="module")
 def toks(shared):
   """name -> (HF tokenizer, TokenBytes), loaded once for the module."""
+  # heavy import, needed only for this reference
   from transformers import AutoTokenizer
   out = {}
   for name in NAMES:

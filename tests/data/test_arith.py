@@ -1,4 +1,4 @@
-"""The synthetic arithmetic set of the demo (data/arith.py) and the "qa" prompt template."""
+"""The synthetic arithmetic task (data/arith.py): the demo size, the tiny size, the "qa" template."""
 
 import json
 import re
@@ -110,3 +110,48 @@ def test_tokenizers_differ_and_round_trip(tmp_path):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
     assert tok.pad_token == "<pad>" and tok.eos_token == "</s>"
+
+
+def test_tiny_size_is_the_same_task_in_memory():
+  """The tiny size: one-step problems of the same generator, ids "tiny/<split>/<i>", a longer
+  split extends a shorter one, the splits differ, and the registry gives it the qa template."""
+  train = arith.tiny_examples("train", 40, seed=0)
+  assert [ex.id for ex in train[:3]] == ["tiny/train/0", "tiny/train/1", "tiny/train/2"]
+  assert arith.tiny_examples("train", 10, seed=0) == train[:10]
+  assert len(arith.tiny_examples("dev")) == arith.TINY_SIZES["dev"]
+  assert arith.tiny_examples("test", 10) != train[:10]
+  assert arith.tiny_examples("train", 10, seed=1) != train[:10]
+  problems = arith.tiny_problems("train", 40)
+  assert {_check_problem(p) for p in problems} == {1}
+  assert [p["question"] for p in problems] == [ex.input for ex in train]
+  assert sources.dataset_spec("tiny").template == "qa" and not sources.dataset_spec("tiny").shared
+  with pytest.raises(KeyError, match="unknown split"):
+    arith.tiny_examples("valid")
+
+
+def test_tiny_records_pair_exactly_the_examples_with_a_rationale():
+  examples = arith.tiny_examples("train", 60)
+  half = arith.tiny_rationales("train", 60, fraction=0.5)
+  assert 10 < len(half) < 50 and set(half) <= {ex.id for ex in examples}
+  assert arith.tiny_rationales("train", 60, fraction=0.5) == half
+  gold = arith.tiny_rationales("train", 60)
+  assert len(gold) == 60 and all(gold[k] == v for k, v in half.items())
+  recs = arith.tiny_records(examples, half)
+  plain = [r for r in recs if not r.has_pair]
+  cot = [r for r in recs if r.has_pair]
+  assert len(plain) == 60 and {r.example_id for r in cot} == set(half)
+  ex = examples[0]
+  first = [r for r in recs if r.example_id == ex.id]
+  assert first[0].prompt == records.qa_plain_prompt(ex) and first[0].response == " " + ex.output
+  if len(first) == 2:
+    assert first[1].response == f" {half[ex.id]}\nTherefore, the answer is: {ex.output}"
+
+
+def test_tiny_tokenizers_differ():
+  student, teacher = arith.tiny_tokenizers()
+  text = records.qa_cot_prompt(arith.tiny_examples("test", 1)[0])
+  s_toks, t_toks = student.tokenize(text), teacher.tokenize(text)
+  assert any("Ġ" in t for t in s_toks) and any("▁" in t for t in t_toks)
+  assert len(student) != len(teacher) and s_toks != t_toks
+  for tok in (student, teacher):
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text

@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from cot2align_jax.data import pipeline as pl
-from cot2align_jax.data import spec
+from cot2align_jax.core import spec
 
 
 @dataclasses.dataclass

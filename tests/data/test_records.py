@@ -1,4 +1,4 @@
-"""Examples, templates, records, JSONL readers and rationale import (METHOD.md §2)."""
+"""Examples, templates, records, JSONL readers and rationale import (docs/method.md §2)."""
 
 import json
 import logging
@@ -8,7 +8,7 @@ import pytest
 from cot2align_jax.data import records, sources
 from cot2align_jax.data.records import DataError, Example, Record, build_records
 
-# The templates written out independently of the module constants (METHOD.md §2).
+# The templates written out independently of the module constants (docs/method.md §2).
 WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
               "further context. Write a response that appropriately completes the request.\n\n"
               "### Instruction:\n{i}\n\n### Input:\n{x}\n\n### Response:\n")

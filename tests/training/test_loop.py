@@ -193,14 +193,14 @@ def test_plain_kd_across_vocabularies_is_a_config_error(tmp_path):
 def test_records_from_shared_data(shared):
   """CoT2Align without rationales stops with one line; cot_rule=none trains on plain records."""
   from cot2align_jax.training import config as C
-  from cot2align_jax.training import loop
-  cfg = C.load_config(REPO / "configs" / "methods" / "cot2align.py",
+  from cot2align_jax.training import setup
+  cfg = C.load_config(REPO / "configs" / "base.py", "cot2align",
                       overrides={"data.source": str(shared / "data"), "data.max_examples": 4})
   with pytest.raises(C.ConfigError, match="needs CoT rationales"):
-    loop._read_records(cfg)  # pylint: disable=protected-access
+    setup.read_records(cfg)
   C.set_key(cfg, "data.cot_rule", "none")
   C.set_key(cfg, "data.dev_max_examples", 2)
-  train_records, dev_records, dev_examples = loop._read_records(cfg)  # pylint: disable=protected-access
+  train_records, dev_records, dev_examples = setup.read_records(cfg)
   assert len(train_records) == 4 and len(dev_records) == len(dev_examples) == 2
   assert not any(r.has_pair for r in train_records)
 
@@ -208,8 +208,8 @@ def test_records_from_shared_data(shared):
 def test_dev_metric_uses_the_config_lengths_and_the_sets_prompts(tmp_path, monkeypatch):
   """train.dev_metric=rouge_l samples with data.max_prompt / data.max_len and, for a "qa" set
   (the demo's arith), its short prompts, scored with the set's metric (exact match)."""
-  from cot2align_jax.training import demo as demo_lib
-  from cot2align_jax.evaluation import evaluate as ev
+  from cot2align_jax.demo import stages as demo_lib
+  from cot2align_jax.evaluation import protocol as ev
   from cot2align_jax.training import loop
   d = demo_lib.make_demo(str(tmp_path / "demo"), "ci", "sft", 0, str(REPO / "configs" / "demo.py"))
   demo_lib.stage_data(d)

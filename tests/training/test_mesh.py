@@ -12,7 +12,7 @@ from cot2align_jax.losses.methods import KDConfig
 from cot2align_jax.losses.ot import OTConfig
 from cot2align_jax.training import mesh as mesh_lib
 from cot2align_jax.training import state as state_lib
-from cot2align_jax.training import tiny
+from tests.support import tiny
 
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 

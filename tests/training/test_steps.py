@@ -14,7 +14,7 @@ from cot2align_jax.losses.methods import KDConfig
 from cot2align_jax.losses.ot import OTConfig
 from cot2align_jax.training import state as state_lib
 from cot2align_jax.training import steps as steps_lib
-from cot2align_jax.training import tiny
+from tests.support import tiny
 
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 OT_FAST = OTConfig(num_iters=10)
@@ -156,11 +156,6 @@ def test_schedules():
   np.testing.assert_allclose([lin(0), lin(50), lin(100)], [1.0, 0.5, 0.0], atol=1e-6)
   with pytest.raises(ValueError, match="schedule"):
     state_lib.OptimConfig(schedule="poly")
-
-
-def test_reduce_metrics_exact():
-  ms = [{"ce": (np.float32(6.0), np.float32(3.0))}, {"ce": (np.float32(2.0), np.float32(5.0))}]
-  assert steps_lib.reduce_metrics(ms) == {"ce": 1.0}  # (6 + 2) / (3 + 5), not mean(2, 0.4)
 
 
 def _count(jaxpr, prim: str) -> int:

@@ -1,0 +1,216 @@
+"""The experiment's report: results.json, results.md and plots/ from the units' result.json.
+
+    payload = aggregate(spec, units, results)     # pure: the rows of the report
+    write_report(payload, workdir)                # results.{json,md}, plots/*.png
+
+One row per (budget, run, column) with the score of every seed, mean ± std, the 95% t-interval
+and, for runs other than the baseline, the paired difference to the baseline over the seeds
+both have (t-interval) and the paired bootstrap over seeds × test items (stats.py). Units not
+done yet are listed under "missing"; nothing is computed from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from cot2align_jax.experiment import stats
+from cot2align_jax.experiment.plan import Unit
+from cot2align_jax.experiment.spec import ExperimentSpec
+
+BUDGET_TEXT = {
+    "epochs": "the same number of epochs over each run's own training records (the paper's "
+              "protocol: a run with more records, e.g. CoT2Align's plain + CoT records, takes "
+              "more steps)",
+    "compute": "the same number of training sequences for every run (equal steps × batch)",
+    "config": "each config's own train.steps / train.epochs",
+}
+
+
+def aggregate(spec: ExperimentSpec, units: Sequence[Unit],
+              results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The report's payload (JSON-ready) of the results of `units` (others are ignored)."""
+  wanted = {u.key for u in units}
+  by_key = {r["unit"]: r for r in results if r["unit"] in wanted}
+  runs = list(dict.fromkeys(u.run for u in units))
+  budgets = list(dict.fromkeys(u.budget for u in units))
+  seeds = list(dict.fromkeys(u.seed for u in units))
+  columns = list(dict.fromkeys(c for r in by_key.values() for c in r["scores"]))
+  rows = []
+  for budget in budgets:
+    for run in runs:
+      for column in columns:
+        rows.append(_row(spec, by_key, budget, run, column, seeds))
+  return {
+      "spec": spec.name, "source": spec.source, "description": spec.description,
+      "baseline": spec.baseline, "budgets": budgets,
+      "budget_text": {b: BUDGET_TEXT[b] for b in budgets}, "runs": runs, "seeds": seeds,
+      "columns": columns, "confidence": stats.CONFIDENCE,
+      "bootstrap": {"draws": stats.BOOTSTRAP_DRAWS, "seed": stats.BOOTSTRAP_SEED},
+      "rows": rows, "done": len(by_key), "units": len(units),
+      "missing": [u.key for u in units if u.key not in by_key],
+  }
+
+
+def _row(spec, by_key, budget, run, column, seeds) -> dict[str, Any]:
+  label = spec.runs[run].label or run if run in spec.runs else run
+  mine = {s: by_key.get(f"{run}/{budget}/seed{s}") for s in seeds}
+  mine = {s: r for s, r in mine.items() if r is not None and column in r["scores"]}
+  scores = [mine[s]["scores"][column]["score"] for s in mine]
+  row: dict[str, Any] = {
+      "budget": budget, "run": run, "label": label, "column": column, "seeds": list(mine),
+      "scores": scores, "summary": stats.summarize(scores).to_json(),
+      "steps": [mine[s]["steps"] for s in mine],
+      "sequences": [mine[s]["sequences"] for s in mine],
+      "metric": next((r["scores"][column]["metric"] for r in mine.values()), None),
+      "vs_baseline": None}
+  if run == spec.baseline:
+    return row
+  base = {s: by_key.get(f"{spec.baseline}/{budget}/seed{s}") for s in mine}
+  paired = [s for s, r in base.items() if r is not None and column in r["scores"]]
+  if not paired:
+    return row
+  a = [mine[s]["scores"][column]["score"] for s in paired]
+  b = [base[s]["scores"][column]["score"] for s in paired]
+  cmp: dict[str, Any] = {"seeds": paired, "diff": stats.paired_difference(a, b).to_json(),
+                         "bootstrap": None}
+  items_a = [mine[s]["scores"][column]["items"] for s in paired]
+  items_b = [base[s]["scores"][column]["items"] for s in paired]
+  same_items = all(mine[s]["scores"][column].get("ids") == base[s]["scores"][column].get("ids")
+                   for s in paired)
+  if same_items and len({len(x) for x in items_a + items_b}) == 1:
+    cmp["bootstrap"] = stats.paired_bootstrap(np.asarray(items_a), np.asarray(items_b)).to_json()
+  row["vs_baseline"] = cmp
+  return row
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown, JSON, plots
+# --------------------------------------------------------------------------------------------
+
+
+def _f(v, digits: int = 1) -> str:
+  return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _ci(low, high) -> str:
+  return "–" if low is None or high is None else f"[{_f(low)}, {_f(high)}]"
+
+
+def markdown(payload: Mapping[str, Any]) -> str:
+  """results.md: per budget a table of every run × column."""
+  pct = int(round(100 * payload["confidence"]))
+  lines = [f"# Experiment `{payload['spec']}`", ""]
+  if payload["description"]:
+    lines += [payload["description"], ""]
+  lines += [f"Spec: `{payload['source']}`. Seeds: {', '.join(map(str, payload['seeds']))}. "
+            f"Baseline: `{payload['baseline']}`. {payload['done']}/{payload['units']} units done.",
+            "", f"Scores ×100 per seed; mean ± std (sample std); {pct}% t-interval over seeds; "
+            f"Δ = run − baseline paired over seeds ({pct}% t-interval) and a paired bootstrap over "
+            f"seeds × test items ({payload['bootstrap']['draws']} draws, seed "
+            f"{payload['bootstrap']['seed']}, percentile interval).", ""]
+  for budget in payload["budgets"]:
+    lines += [f"## Budget `{budget}`", "", f"{payload['budget_text'][budget]}.", "",
+              f"| run | column | steps | per seed | mean ± std | {pct}% CI | Δ vs baseline | "
+              f"Δ {pct}% CI (t) | Δ {pct}% CI (bootstrap) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for row in payload["rows"]:
+      if row["budget"] != budget:
+        continue
+      s = row["summary"]
+      per = ", ".join(_f(v) for v in row["scores"]) or "–"
+      steps = "/".join(str(v) for v in sorted(set(row["steps"]))) or "–"
+      cmp = row["vs_baseline"]
+      if row["run"] == payload["baseline"]:
+        delta = ("(baseline)", "", "")
+      elif cmp is None:
+        delta = ("–", "–", "–")
+      else:
+        d, b = cmp["diff"], cmp["bootstrap"]
+        delta = (f"{_f(d['mean'])}", _ci(d["ci_low"], d["ci_high"]),
+                 _ci(b["ci_low"], b["ci_high"]) if b else "–")
+      lines.append(f"| {row['label']} | {row['column']} | {steps} | {per} | "
+                   f"{_f(s['mean'])} ± {_f(s['std'])} | {_ci(s['ci_low'], s['ci_high'])} | "
+                   f"{delta[0]} | {delta[1]} | {delta[2]} |")
+    lines.append("")
+  if payload["missing"]:
+    lines += [f"Not done yet ({len(payload['missing'])}): " +
+              ", ".join(f"`{k}`" for k in payload["missing"]), ""]
+  return "\n".join(lines)
+
+
+def plot(payload: Mapping[str, Any], out_dir: Path) -> list[Path]:
+  """plots/scores_<budget>.png (mean and CI per run and column, dots = seeds) and
+  plots/diff_<budget>.png (Δ vs baseline with the t and bootstrap intervals)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top  # optional heavy dependency
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  out_dir.mkdir(parents=True, exist_ok=True)
+  paths = []
+  columns = payload["columns"]
+  for budget in payload["budgets"]:
+    rows = [r for r in payload["rows"] if r["budget"] == budget]
+    if not rows or not columns:
+      continue
+    for kind in ("scores", "diff"):
+      fig, axes = plt.subplots(1, len(columns), figsize=(max(4.0, 0.9 * len(payload["runs"]) + 2)
+                                                        * len(columns), 3.8), squeeze=False)
+      for ax, column in zip(axes[0], columns):
+        sel = [r for r in rows if r["column"] == column and
+               (kind == "scores" or r["run"] != payload["baseline"])]
+        x = np.arange(len(sel))
+        for i, r in enumerate(sel):
+          if kind == "scores":
+            s = r["summary"]
+            if s["mean"] is None:
+              continue
+            err = None if s["ci_low"] is None else [[s["mean"] - s["ci_low"]],
+                                                     [s["ci_high"] - s["mean"]]]
+            ax.bar(i, s["mean"], yerr=err, capsize=4, color="#4c72b0", alpha=0.8)
+            ax.plot([i] * len(r["scores"]), r["scores"], "k.", ms=4)
+          elif r["vs_baseline"] is not None:
+            d, b = r["vs_baseline"]["diff"], r["vs_baseline"]["bootstrap"]
+            if d["ci_low"] is not None:
+              ax.errorbar(i - 0.1, d["mean"], yerr=[[d["mean"] - d["ci_low"]],
+                                                    [d["ci_high"] - d["mean"]]],
+                          fmt="o", color="#4c72b0", capsize=4, label="t" if i == 0 else None)
+            else:
+              ax.plot(i - 0.1, d["mean"], "o", color="#4c72b0")
+            if b is not None:
+              ax.errorbar(i + 0.1, b["mean"], yerr=[[b["mean"] - b["ci_low"]],
+                                                    [b["ci_high"] - b["mean"]]],
+                          fmt="s", color="#dd8452", capsize=4,
+                          label="bootstrap" if i == 0 else None)
+        if kind == "diff":
+          ax.axhline(0.0, color="grey", lw=0.8)
+          if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.set_xticks(x)
+        ax.set_xlim(-0.6, max(len(sel), 1) - 0.4)
+        ax.set_xticklabels([r["label"] for r in sel], rotation=30, ha="right", fontsize=8)
+        ax.set_title(column, fontsize=9)
+        ax.set_ylabel("score ×100" if kind == "scores" else f"Δ vs {payload['baseline']}")
+      fig.suptitle(f"{payload['spec']} — budget {budget}", fontsize=10)
+      fig.tight_layout()
+      path = out_dir / f"{kind}_{budget}.png"
+      fig.savefig(path, dpi=110)
+      plt.close(fig)
+      paths.append(path)
+  return paths
+
+
+def write_report(payload: Mapping[str, Any], workdir: Path, *, plots: bool = True) -> list[Path]:
+  """results.json, results.md and (with `plots`) plots/ in workdir; the paths written."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  jpath, mpath = workdir / "results.json", workdir / "results.md"
+  jpath.write_text(json.dumps(payload, indent=1) + "\n")
+  mpath.write_text(markdown(payload))
+  out = [jpath, mpath]
+  if plots:
+    out += plot(payload, workdir / "plots")
+  return out

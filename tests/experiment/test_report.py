@@ -1,0 +1,69 @@
+"""experiment/report.py: rows of the report from synthetic unit results."""
+
+import json
+
+import numpy as np
+import pytest
+
+from cot2align_jax.experiment import report, stats
+from cot2align_jax.experiment.plan import Unit
+from cot2align_jax.experiment.spec import from_value
+
+COL = "arith/test:plain"
+
+
+def _spec():
+  return from_value(dict(name="syn", runs={"base": "c.py", "new": "c.py"}, baseline="base",
+                         seeds=[0, 1, 2], budgets=["epochs"], epochs=1))
+
+
+def _unit(run, seed):
+  return Unit(run=run, budget="epochs", seed=seed, config_path="c.py", config_arg=None,
+              overrides={}, method="sft", records=10, batch_size=2, steps=5)
+
+
+def _result(run, seed, items):
+  return {"unit": f"{run}/epochs/seed{seed}", "run": run, "budget": "epochs", "seed": seed,
+          "steps": 5, "sequences": 10,
+          "scores": {COL: {"metric": "exact_match", "n": len(items), "items": list(items),
+                           "ids": [f"i{k}" for k in range(len(items))],
+                           "score": float(np.mean(items))}}}
+
+
+def test_aggregate_rows_use_the_statistics():
+  rng = np.random.default_rng(0)
+  items = {(r, s): (rng.random(20) < (0.5 if r == "new" else 0.3)) * 100.0
+           for r in ("base", "new") for s in (0, 1, 2)}
+  units = [_unit(r, s) for s in (0, 1, 2) for r in ("base", "new")]
+  # new/seed2 is not done: it is missing, and the paired comparison uses seeds 0 and 1 only
+  results = [_result(r, s, items[r, s]) for (r, s) in items if (r, s) != ("new", 2)]
+  payload = report.aggregate(_spec(), units, results)
+  assert payload["missing"] == ["new/epochs/seed2"]
+  rows = {(r["run"], r["column"]): r for r in payload["rows"]}
+  base, new = rows["base", COL], rows["new", COL]
+  base_scores = [items["base", s].mean() for s in (0, 1, 2)]
+  assert base["scores"] == pytest.approx(base_scores)
+  assert base["summary"] == pytest.approx(stats.summarize(base_scores).to_json())
+  assert base["vs_baseline"] is None
+  a = [items["new", s].mean() for s in (0, 1)]
+  b = [items["base", s].mean() for s in (0, 1)]
+  cmp = new["vs_baseline"]
+  assert cmp["seeds"] == [0, 1]
+  assert cmp["diff"] == pytest.approx(stats.paired_difference(a, b).to_json())
+  boot = stats.paired_bootstrap(np.stack([items["new", s] for s in (0, 1)]),
+                                np.stack([items["base", s] for s in (0, 1)]))
+  assert cmp["bootstrap"] == pytest.approx(boot.to_json())
+  # the report survives a JSON round trip unchanged (what --aggregate_only reads back)
+  again = report.aggregate(_spec(), units, json.loads(json.dumps(results)))
+  assert json.dumps(again) == json.dumps(payload)
+  md = report.markdown(payload)
+  assert f"{np.mean(base_scores):.1f}" in md and "new/epochs/seed2" in md
+
+
+def test_bootstrap_skipped_when_items_differ():
+  units = [_unit(r, s) for s in (0, 1) for r in ("base", "new")]
+  results = [_result("base", 0, [0, 100]), _result("base", 1, [100, 0]),
+             _result("new", 0, [100, 100]), _result("new", 1, [100, 0, 0])]
+  row = [r for r in report.aggregate(_spec(), units, results)["rows"] if r["run"] == "new"][0]
+  assert row["vs_baseline"]["diff"]["n"] == 2
+  assert row["vs_baseline"]["bootstrap"] is None
