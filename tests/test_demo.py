@@ -111,6 +111,10 @@ def test_ot_plan_has_the_training_marginals(demo_run):
   assert abs(ex["plan"].sum(1) - 1 / n).max() < 1e-3
   assert abs(ex["plan"].sum(0) - 1 / m).max() < 1e-3
   assert ((ex["cost"] >= 0) & (ex["cost"] <= 1)).all()
+  # the peak of P·n·m: 1 for the uniform coupling, at most min(n, m) for a balanced plan
+  assert ex["plan_peak"] == pytest.approx(float(ex["plan"].max()) * n * m, rel=1e-5)
+  assert 1.0 <= ex["plan_peak"] <= min(n, m) + 1e-4
+  assert ex["epsilon"] == 10.0   # cot2align: the paper's absolute ε
 
 
 def test_rerun_keeps_every_stage(demo_run):

@@ -8,7 +8,7 @@
 teacher and the student on one test problem's plain view (prompt + gold answer + EOS) and
 solves the training's OT problem between the final hidden states at the response positions
 plus the prompt's last few tokens (two token sequences of a readable length), with the
-configured cost (kd.ot.cost) and the training's Sinkhorn (losses/ot.py) at its epsilon.
+method's own OT settings (cost, ε, solver: `losses.methods.ot_config`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from cot2align_jax.data.records import plain_record
 from cot2align_jax.data.sources import read_examples
 from cot2align_jax.data.tokenize import tokenize_view
 from cot2align_jax.losses import ot
+from cot2align_jax.losses.methods import ot_config
 from cot2align_jax.models import from_pretrained, load_tokenizer
 from cot2align_jax.training import config as C
 from cot2align_jax.training.restore import train_state_from_checkpoint
@@ -125,8 +126,10 @@ def ot_plan_example(config, run_dir: str | Path, data_dir: str | Path, *, index:
   states for test problem `index` of the arith set.
 
   Positions: the last `prompt_tail` prompt tokens + the response (answer and EOS) of each side.
-  Returns {"student_tokens", "teacher_tokens", "cost" [n, m], "plan" [n, m], "epsilon",
-  "cost_kind", "method", "question", "answer"} (numpy float32 arrays; the plan sums to 1).
+  Returns {"student_tokens", "teacher_tokens", "cost" [n, m], "plan" [n, m], "epsilon" (the
+  ε solved at, after a relative scaling), "cost_kind", "method", "plan_peak" (max P·n·m),
+  "question", "answer"} (numpy float32 arrays; the plan sums to 1). The cost, ε and solver are
+  the method's own OT settings (`losses.methods.ot_config`).
   """
   example = read_examples("arith", "test", source=data_dir, max_examples=index + 1)[index]
   record = plain_record(example, template="qa")
@@ -138,6 +141,7 @@ def ot_plan_example(config, run_dir: str | Path, data_dir: str | Path, *, index:
   teacher = from_pretrained(config.teacher.path)
   t_tok = load_tokenizer(config.teacher.path)
   kd = C.kd_config(config)
+  ot_cfg = ot_config(kd, C.method_of(kd))   # the method's own OT settings (cot2align_plus)
   states = {}
   for side, model, tok in (("student", student, restored.tokenizer), ("teacher", teacher, t_tok)):
     view = tokenize_view(record.prompt, record.response, tok,
@@ -149,11 +153,14 @@ def ot_plan_example(config, run_dir: str | Path, data_dir: str | Path, *, index:
   x = states["student"][0].astype(jnp.float32)
   y = projectors.ot(states["teacher"][0])
   ones_x, ones_y = jnp.ones(x.shape[0]), jnp.ones(y.shape[0])
-  cost = ot.cost_matrix(x, y, ones_y, kd.ot.cost)
-  plan = ot.sinkhorn_plan(cost, ot.uniform_marginal(ones_x), ot.uniform_marginal(ones_y), kd.ot)
+  cost = ot.cost_matrix(x, y, ones_y, ot_cfg.cost)
+  epsilon = float(ot.resolve_epsilon(cost, ones_x, ones_y, ot_cfg))
+  plan = ot.sinkhorn_plan(cost, ot.uniform_marginal(ones_x), ot.uniform_marginal(ones_y), ot_cfg,
+                          epsilon=epsilon)
   return {"student_tokens": states["student"][1], "teacher_tokens": states["teacher"][1],
           "cost": np.asarray(cost, np.float32), "plan": np.asarray(plan, np.float32),
-          "epsilon": float(kd.ot.epsilon), "cost_kind": kd.ot.cost, "method": kd.method,
+          "epsilon": epsilon, "cost_kind": ot_cfg.cost, "method": kd.method,
+          "plan_peak": float(ot.plan_peak(plan, ones_x, ones_y)),
           "question": example.input, "answer": example.outputs[0]}
 
 
@@ -168,7 +175,8 @@ def plot_ot_plan(example: Mapping[str, Any], out: str | Path) -> Path:
   s_tok, t_tok = example["student_tokens"], example["teacher_tokens"]
   fig, axes = plt.subplots(1, 2, figsize=(4.0 + 0.55 * m * 2, 2.2 + 0.4 * n))
   panels = ((cost, f"cost ({example['cost_kind']})", "viridis_r"),
-            (ratio, f"transport plan × n·m (ε = {example['epsilon']:g})", "magma"))
+            (ratio, f"transport plan × n·m (ε = {example['epsilon']:.3g}, "
+                    f"max {float(np.max(ratio)):.2f})", "magma"))
   for ax, (mat, title, cmap) in zip(axes, panels):
     im = ax.imshow(mat, cmap=cmap, aspect="auto")
     ax.set_xticks(range(m))

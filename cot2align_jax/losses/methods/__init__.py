@@ -4,32 +4,37 @@
     projectors = build_projectors(method, d_student, d_teacher, rngs=nnx.Rngs(0))
     loss, metrics = objective(method, kd_cfg, inputs, projectors)
 
-Adding a method = a file here declaring `METHOD = Method(...)` + one entry in `METHODS` + a test
-file tests/losses/methods/test_<name>.py.
+Adding a method = a file here declaring `METHOD = Method(...)` + its name in `METHOD_MODULES`
++ a test file tests/losses/methods/test_<name>.py (docs/adding_a_method.md).
 """
 
 from __future__ import annotations
 
-from cot2align_jax.losses.methods import (cot2align, cot2align_plus, dskd, dskd_cma, dskd_eta,
-                                          kd, mined, multilevel_ot, sft, uld)
+import importlib
+
 from cot2align_jax.losses.methods.base import (DEFAULT_BASE, KDConfig, LossInputs, Method,
                                                MethodProjectors, build_projectors,
                                                cross_entropy_sum, objective, ot_config,
                                                params_of, side)
 from cot2align_jax.losses.methods.base import lookup, registry
 
-METHODS: dict[str, Method] = registry(
-    sft.METHOD,
-    kd.METHOD,
-    uld.METHOD,
-    mined.METHOD,
-    dskd.METHOD,
-    dskd_cma.METHOD,
-    dskd_eta.METHOD,
-    multilevel_ot.METHOD,
-    cot2align.METHOD,
-    cot2align_plus.METHOD,
+# The registry: one line per method, the name of its module in this package (which declares
+# `METHOD = Method(...)`).
+METHOD_MODULES = (
+    "sft",
+    "kd",
+    "uld",
+    "mined",
+    "dskd",
+    "dskd_cma",
+    "dskd_eta",
+    "multilevel_ot",
+    "cot2align",
+    "cot2align_plus",
 )
+
+METHODS: dict[str, Method] = registry(
+    *(importlib.import_module(f"{__name__}.{name}").METHOD for name in METHOD_MODULES))
 
 
 def get_method(name: str, base: str | None = None) -> Method:
