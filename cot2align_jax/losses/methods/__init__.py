@@ -29,6 +29,7 @@ METHOD_MODULES = (
     "dskd_cma",
     "dskd_eta",
     "multilevel_ot",
+    "kd_topk",
     "cot2align",
     "cot2align_plus",
 )
