@@ -8,15 +8,14 @@ Run from the repository root:
 What is timed (fwd+bwd of one training step's full OT block: 3 view pairs x 2 layers, the shared
 teacher->student projector included; gradients w.r.t. the student states and the projector):
 
-1. ours: `ot_view_terms` under `jax.jit(jax.value_and_grad(...))`, float32, for
-   solver in {ott, jax} x grad in {envelope, unrolled}; compile time reported separately;
+1. ours: `ot_view_terms` under `jax.jit(jax.value_and_grad(...))`, float32 (the ott-jax
+   solver), for grad in {envelope, unrolled}; compile time reported separately;
 2. the reference: a PyTorch loop over the batch and the 6 problems written the way the
    CoT2Align code runs it (boolean-mask gather of the response states, projector, attention
    cost, the 100-iteration multiplicative Sinkhorn loop u = a/(Kv+1e-9), v = b/(K^T u+1e-9),
    <P, C>, sum / B * 1/4, autograd through the loop), in bfloat16 (how the reference runs) and
    in float32;
-3. scaling: our default (ott, envelope) and the jax solver, for lengths 128 -> 2048 at a
-   smaller batch.
+3. scaling: our default (envelope gradients), for lengths 128 -> 2048 at a smaller batch.
 
 Values: ours (float32) vs torch bf16 and vs torch float32 on identical inputs and projector.
 Results go to bench/results/ot.json. On a shared CPU host the times are noisy.
@@ -57,7 +56,7 @@ def parse_args(argv=None):
   p.add_argument("--scaling-lengths", default="128,256,512,1024,2048")
   p.add_argument("--scaling-batch", type=int, default=2)
   p.add_argument("--skip-unrolled-ott", action="store_true",
-                 help="skip ott with unrolled gradients (the slowest variant)")
+                 help="skip unrolled gradients (the slower variant)")
   p.add_argument("--torch-threads", type=int, default=None, help="default: os.cpu_count()")
   p.add_argument("--quick", action="store_true")
   p.add_argument("--seed", type=int, default=0)
@@ -102,7 +101,7 @@ def make_inputs(rng, batch, length, min_length, d_s, d_t):
 # ---- ours ---------------------------------------------------------------------------------
 
 
-def build_ours(student, teacher, masks, w, bias, *, solver, grad, epsilon, iters):
+def build_ours(student, teacher, masks, w, bias, *, grad, epsilon, iters):
   """A jitted fwd+bwd step of our OT block and its arguments."""
   import jax
   import jax.numpy as jnp
@@ -117,8 +116,7 @@ def build_ours(student, teacher, masks, w, bias, *, solver, grad, epsilon, iters
   proj.linear.kernel[...] = jnp.asarray(w)
   proj.linear.bias[...] = jnp.asarray(bias)
   graphdef, params = nnx.split(proj)
-  cfg = ot.OTConfig(cost="attention", epsilon=epsilon, num_iters=iters, grad=grad,
-                    solver=solver)
+  cfg = ot.OTConfig(cost="attention", epsilon=epsilon, num_iters=iters, grad=grad)
   batch = {spec.key(v, s, "loss_mask"): jnp.asarray(m) for (v, s), m in masks.items()}
   batch["has_pair"] = jnp.ones((next(iter(masks.values())).shape[0],), bool)
   s_states = {v: {l: jnp.asarray(student[(v, l)]) for l in ot.LAYERS} for v in ("main", "pair")}
@@ -152,7 +150,7 @@ def time_jax(step, args, reps):
 def torch_reference_step(student, teacher, masks, w, bias, *, dtype, epsilon, iters):
   """One fwd+bwd of the OT block as the reference computes it: per-example Python loops.
 
-  Returns (value, seconds). The 1/4 and the division by the full batch size as in METHOD §4.
+  Returns (value, seconds). The 1/4 and the division by the full batch size as in docs/method.md §4.
   """
   import torch
   s_t = {k: torch.tensor(v, dtype=dtype, requires_grad=True) for k, v in student.items()}
@@ -208,13 +206,11 @@ def main(argv=None):
   kw = dict(epsilon=args.epsilon, iters=args.iters)
   rows = []
 
-  variants = [("ott", "envelope"), ("jax", "envelope"), ("jax", "unrolled"), ("ott", "unrolled")]
-  if args.skip_unrolled_ott:
-    variants.remove(("ott", "unrolled"))
-  for solver, grad in variants:
-    step, step_args = build_ours(*inputs, solver=solver, grad=grad, **kw)
+  variants = ["envelope"] if args.skip_unrolled_ott else ["envelope", "unrolled"]
+  for grad in variants:
+    step, step_args = build_ours(*inputs, grad=grad, **kw)
     compile_s, times, value = time_jax(step, step_args, args.reps)
-    rows.append(dict(name=f"ours {solver}/{grad} f32", compile_s=compile_s, times=times,
+    rows.append(dict(name=f"ours ott/{grad} f32", compile_s=compile_s, times=times,
                      step_s=statistics.median(times), value=value))
     print(f"  done {rows[-1]['name']}", flush=True)
   for dtype_name, dtype in (("bf16", torch.bfloat16), ("f32", torch.float32)):
@@ -244,21 +240,19 @@ def main(argv=None):
   scaling = []
   print(f"\nscaling (ours, B={args.scaling_batch}, valid lengths L/2..L, fwd+bwd, "
         f"median of {args.reps})")
-  print(f"{'L':>6}{'ott/envelope s':>16}{'jax/envelope s':>16}{'ms / problem (ott)':>20}")
+  print(f"{'L':>6}{'ott/envelope s':>16}{'ms / problem':>14}")
   for length in args.scaling_lengths:
     sc_inputs = make_inputs(rng, args.scaling_batch, length, max(1, length // 2),
                             args.d_student, args.d_teacher)
     row = dict(length=length, batch=args.scaling_batch)
-    for solver in ("ott", "jax"):
-      step, step_args = build_ours(*sc_inputs, solver=solver, grad="envelope", **kw)
-      compile_s, times, _ = time_jax(step, step_args, args.reps)
-      row[f"{solver}_envelope_s"] = statistics.median(times)
-      row[f"{solver}_envelope_compile_s"] = compile_s
-      del step, step_args
+    step, step_args = build_ours(*sc_inputs, grad="envelope", **kw)
+    compile_s, times, _ = time_jax(step, step_args, args.reps)
+    row["ott_envelope_s"] = statistics.median(times)
+    row["ott_envelope_compile_s"] = compile_s
+    del step, step_args
     scaling.append(row)
     per_problem_ms = 1e3 * row["ott_envelope_s"] / (6 * args.scaling_batch)
-    print(f"{length:>6}{row['ott_envelope_s']:>16.3f}{row['jax_envelope_s']:>16.3f}"
-          f"{per_problem_ms:>20.1f}", flush=True)
+    print(f"{length:>6}{row['ott_envelope_s']:>16.3f}{per_problem_ms:>14.1f}", flush=True)
 
   import flax
   import ott

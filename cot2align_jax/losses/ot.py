@@ -6,10 +6,9 @@ One OT problem per sequence pair: X [n, dS] (student states at response position
 Sinkhorn iterations, and the value is the transport cost <P, C> (by default; not the entropic
 objective).
 ott's Gibbs kernel is exp(−C/ε): the reference's exp(−0.1·C) is ε = 10. Everything runs in
-float32. `OTConfig` carries every solver setting straight to `sinkhorn_plan`:
+float32. The solver is ott-jax Sinkhorn (log domain, fixed-length scan); `OTConfig` carries
+every solver setting straight to `sinkhorn_plan`, among them
 
-  solver "ott": ott-jax Sinkhorn (log domain, fixed-length scan); "jax": the reference's
-         multiplicative loop (u = a/(Kv + 1e-9), v = b/(Kᵀu + 1e-9)), faster on CPU.
   grad "envelope": value = Σ sg(P)·C (Danskin; the solver is never differentiated);
        "unrolled": backpropagation through every iteration.
 
@@ -41,13 +40,11 @@ from cot2align_jax.losses.projectors import Projectors
 
 CostKind = Literal["attention", "cosine", "euclidean"]
 GradKind = Literal["envelope", "unrolled"]
-SolverKind = Literal["ott", "jax"]
 RelativeEpsilon = Literal["none", "mean", "std"]
 ValueKind = Literal["transport", "entropic"]
 RELATIVE_EPSILONS = ("none", "mean", "std")
 VALUES = ("transport", "entropic")
 
-REFERENCE_GUARD = 1e-9  # the reference loop's denominator guard
 _NORM_FLOOR = 1e-8  # smallest vector norm used by the cosine cost
 _NEG_LARGE = -1e30  # logit of masked teacher positions in the attention cost
 _SCALE_FLOOR = 1e-6  # a cost scale <= this × max |C| (constant cost, empty side) counts as 1
@@ -64,8 +61,8 @@ class OTConfig:
   """Settings of the OT block and its solver; the paper's values are the defaults.
 
   cost: one of COSTS. epsilon: ott's ε (kernel exp(−C/ε)). num_iters: Sinkhorn iterations
-  (fixed). grad / solver: see the module docstring. lse_mode: ott in log domain (False = kernel
-  mode; no faster in ott 0.6, NaN unrolled gradients with padding).
+  (fixed). grad: see the module docstring. lse_mode: ott in log domain (False = kernel mode;
+  no faster in ott 0.6, NaN unrolled gradients with padding).
   ot_term_scale: the factor of each term (the reference's 1/4); a term is
     ot_term_scale · (1/B) · Σ_b OT_b over the full batch (rows without a pair count 0 in the
     cross terms). terms: which of TERMS take part. layers: the depths compared, names of
@@ -90,7 +87,6 @@ class OTConfig:
   epsilon: float = 10.0
   num_iters: int = 100
   grad: GradKind = "envelope"
-  solver: SolverKind = "ott"
   lse_mode: bool = True
   ot_term_scale: float = 0.25
   terms: tuple[str, ...] = TERMS
@@ -110,12 +106,9 @@ class OTConfig:
       raise ValueError(f"unknown OT cost {self.cost!r}; known: {', '.join(COSTS)}")
     if self.grad not in ("envelope", "unrolled"):
       raise ValueError(f"unknown OT gradient {self.grad!r}; known: envelope, unrolled")
-    if self.solver not in ("ott", "jax"):
-      raise ValueError(f"unknown OT solver {self.solver!r}; known: ott, jax")
-    if self.solver == "ott" and self.grad == "unrolled" and not self.lse_mode:
+    if self.grad == "unrolled" and not self.lse_mode:
       raise ValueError("ott kernel mode (lse_mode=False) has NaN unrolled gradients with "
-                       "zero-weight padding (log of a zero scaling); use lse_mode=True or "
-                       "solver='jax'")
+                       "zero-weight padding (log of a zero scaling); use lse_mode=True")
     for t in self.terms:
       if t not in TERMS:
         raise ValueError(f"unknown OT term {t!r}; known: {', '.join(TERMS)}")
@@ -247,42 +240,6 @@ def resolve_epsilon(c: jax.Array, x_mask: jax.Array, y_mask: jax.Array,
   return cfg.epsilon * cost_scale(c, x_mask, y_mask, cfg.relative_epsilon)
 
 
-def _unbalanced_update(marginal: jax.Array, denom: jax.Array, tau: float) -> jax.Array:
-  """(marginal / denom)^τ, 0 where the marginal is 0, with finite gradients there."""
-  valid = marginal > 0
-  ratio = jnp.where(valid, marginal / denom, 1.0)
-  return jnp.where(valid, ratio**tau, 0.0)
-
-
-def _reference_plan(c: jax.Array, a: jax.Array, b: jax.Array, cfg: OTConfig,
-                    epsilon: float | jax.Array, tau_a: float = 1.0,
-                    tau_b: float = 1.0) -> jax.Array:
-  """solver "jax": K = exp(−c/ε); v = 1; num_iters times u = a/(Kv + guard), v = b/(Kᵀu +
-  guard); P = diag(u) K diag(v) (a `lax.fori_loop`, reverse-differentiable).
-
-  Unbalanced (τ < 1): the updates are raised to the power τ (ott's kernel-mode update). With
-  cfg's ε schedule, iteration t uses the kernel at ε_t; the plan is read at ε.
-  """
-  kernel = jnp.exp(-c / epsilon)
-
-  def update(marginal, denom, tau):
-    if tau == 1.0:
-      return marginal / (denom + REFERENCE_GUARD)
-    return _unbalanced_update(marginal, denom + REFERENCE_GUARD, tau)
-
-  def body(t, uv):
-    _, v = uv
-    k = kernel
-    if cfg.scheduled:
-      k = jnp.exp(-c / (epsilon * jnp.maximum(cfg.epsilon_init * cfg.epsilon_decay**t, 1.0)))
-    u = update(a, k @ v, tau_a)
-    v = update(b, k.T @ u, tau_b)
-    return u, v
-
-  u, v = jax.lax.fori_loop(0, cfg.num_iters, body, (jnp.zeros_like(a), jnp.ones_like(b)))
-  return u[:, None] * kernel * v[None, :]
-
-
 def sinkhorn_plan(c: jax.Array, a: jax.Array, b: jax.Array,
                   cfg: OTConfig = OTConfig(), *, epsilon: float | jax.Array | None = None,
                   tau_a: float = 1.0, tau_b: float = 1.0) -> jax.Array:
@@ -291,16 +248,14 @@ def sinkhorn_plan(c: jax.Array, a: jax.Array, b: jax.Array,
   epsilon: the target ε (default: `resolve_epsilon` over the pairs with a, b > 0). tau_a /
   tau_b: ott's marginal relaxations (1 = balanced).
 
-  solver "ott": the ε given explicitly (never ott's default, which scales with the padded
-  cost), a fixed-length scan (min_iterations == max_iterations: `threshold` is never
+  ott-jax Sinkhorn with the ε given explicitly (never ott's default, which scales with the
+  padded cost), a fixed-length scan (min_iterations == max_iterations: `threshold` is never
   consulted), no implicit differentiation, inner_iterations = 1 (halves the unrolled backward,
   measured on CPU). ott updates the column potential before the row potential in each
   iteration.
   """
   if epsilon is None:
     epsilon = resolve_epsilon(c, a, b, cfg)
-  if cfg.solver == "jax":
-    return _reference_plan(c, a, b, cfg, epsilon, tau_a, tau_b)
   eps = (epsilon_scheduler.Epsilon(epsilon, init=cfg.epsilon_init, decay=cfg.epsilon_decay)
          if cfg.scheduled else epsilon)
   geom = ott_geometry.Geometry(cost_matrix=c, epsilon=eps)

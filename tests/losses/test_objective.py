@@ -131,7 +131,7 @@ def test_switching_ot_terms_off_removes_them():
 
 METHOD_CONFIGS = ([M.KDConfig(method=m) for m in M.METHODS]
                   + [M.KDConfig(method="cot2align", base=b, ot=OTConfig(num_iters=10))
-                     for b in ("dskd_cma", "uld", "mined", "kd")])
+                     for b in ("dskd_cma", "uld", "mined", "kd", "kd_topk")])
 
 
 @pytest.mark.parametrize("cfg", METHOD_CONFIGS, ids=lambda c: f"{c.method}-{c.base}")
@@ -139,7 +139,9 @@ def test_every_method_gives_finite_loss_and_gradients(cfg):
   method = M.method_from_config(cfg)
   inputs = _inputs(4)
   kd_name = cfg.base if cfg.method == "cot2align" else cfg.method
-  if kd_name in ("kd", "dskd"):  # same-tokenizer methods: teacher shares vocab and length
+  # same-tokenizer terms (plain KD, kd_topk; dskd pairs positions 1:1): the teacher shares the
+  # student's vocabulary and length
+  if M.get_method(kd_name).same_vocab or kd_name == "dskd":
     inputs = inputs._replace(
         teacher={v: o._replace(logits=o.logits[:, :LS, :VS] * 0.5,
                                hidden_states=tuple(h[:, :LS] for h in o.hidden_states))

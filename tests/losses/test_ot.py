@@ -16,7 +16,7 @@ from cot2align_jax.losses import ot
 from cot2align_jax.losses.projectors import Projectors
 
 # jitted entry points: eager ott dispatch is slow, and each shape compiles once
-_STATIC = ("cost", "epsilon", "num_iters", "grad", "solver", "lse_mode")
+_STATIC = ("cost", "epsilon", "num_iters", "grad", "lse_mode")
 _ot = jax.jit(ot.sinkhorn_ot, static_argnames=_STATIC)
 
 N, M, D = 7, 9, 16
@@ -63,11 +63,10 @@ def _np_reference_ot(x, y, kind, alpha=0.1, iters=100):
   return float((plan * c).sum()), plan
 
 
-@pytest.mark.parametrize("solver,cost", list(itertools.product(
-    ["ott", "jax"], ["attention", "cosine", "euclidean"])))
-def test_matches_float64_reference_loop(solver, cost):
+@pytest.mark.parametrize("cost", ["attention", "cosine", "euclidean"])
+def test_matches_float64_reference_loop(cost):
   x, y, xm, ym = _inputs()
-  got = _ot(x, y, xm, ym, cost=cost, solver=solver)
+  got = _ot(x, y, xm, ym, cost=cost)
   assert got.dtype == jnp.float32 and got.shape == (3,)
   for i in range(3):
     want, _ = _np_reference_ot(x[i, :N_VALID[i]], y[i, :M_VALID[i]], cost)
@@ -75,14 +74,13 @@ def test_matches_float64_reference_loop(solver, cost):
 
 
 def test_plan_matches_reference_plan():
-  """Plan against plan (a stricter check than the value): ott and the jax loop."""
+  """Plan against plan (a stricter check than the value): ott against the reference loop."""
   x, y, _, _ = _inputs()
   c = ot.cost_matrix(x[0], y[0], jnp.ones(M), "attention")
   a, b = jnp.full(N, 1.0 / N), jnp.full(M, 1.0 / M)
   _, want = _np_reference_ot(x[0], y[0], "attention")
-  for plan in (jax.jit(ot.sinkhorn_plan)(c, a, b),
-               jax.jit(lambda *p: ot.sinkhorn_plan(*p, ot.OTConfig(solver="jax")))(c, a, b)):
-    np.testing.assert_allclose(np.asarray(plan), want, rtol=1e-5, atol=1e-9)
+  plan = jax.jit(ot.sinkhorn_plan)(c, a, b)
+  np.testing.assert_allclose(np.asarray(plan), want, rtol=1e-5, atol=1e-9)
 
 
 def test_attention_cost_value_is_nearly_one_minus_one_over_m():
@@ -147,12 +145,11 @@ def test_envelope_gradient_is_derivative_of_entropic_objective():
     np.testing.assert_allclose(float(jnp.sum(gx * dx)), float(fd), rtol=5e-3)
 
 
-@pytest.mark.parametrize("solver", ["ott", "jax"])
-def test_unrolled_gradients_finite_and_close_to_envelope(solver):
+def test_unrolled_gradients_finite_and_close_to_envelope():
   x, y, xm, ym = _inputs(seed=4)
 
   def f(xx, yy, grad):
-    return _ot(xx, yy, xm, ym, cost="cosine", grad=grad, solver=solver).sum()
+    return _ot(xx, yy, xm, ym, cost="cosine", grad=grad).sum()
 
   vg = jax.jit(jax.value_and_grad(f, argnums=(0, 1)), static_argnums=2)
   vu, gu = vg(x, y, "unrolled")
@@ -164,15 +161,14 @@ def test_unrolled_gradients_finite_and_close_to_envelope(solver):
   np.testing.assert_allclose(vu, ve, rtol=1e-6)
 
 
-@pytest.mark.parametrize("grad,solver", [("envelope", "ott"), ("unrolled", "ott"),
-                                         ("unrolled", "jax")])
-def test_empty_side_gives_zero_and_zero_gradient(grad, solver):
+@pytest.mark.parametrize("grad", ["envelope", "unrolled"])
+def test_empty_side_gives_zero_and_zero_gradient(grad):
   x, y, _, _ = _inputs(seed=5)
   xm = _mask([0, 3, 2], N)
   ym = _mask([4, 0, 3], M)
 
   def f(xx, yy):
-    return _ot(xx, yy, xm, ym, grad=grad, solver=solver)
+    return _ot(xx, yy, xm, ym, grad=grad)
 
   vals = f(x, y)
   assert float(vals[0]) == 0.0 and float(vals[1]) == 0.0 and float(vals[2]) > 0
@@ -187,10 +183,9 @@ def test_cosine_and_euclidean_zero_vectors_have_finite_gradients():
   xm, ym = jnp.ones_like(xm), jnp.ones_like(ym)
   y = y.at[0, 0].set(x[0, 0])  # a coincident pair: Euclidean distance 0
   for cost in ("cosine", "euclidean"):
-    # (ott's unrolled path is covered above; the cost's own gradient is what is tested here)
-    for grad, solver in (("envelope", "ott"), ("unrolled", "jax")):
-      g = jax.jit(jax.grad(lambda xx, yy, cost=cost, grad=grad, solver=solver: ot.sinkhorn_ot(
-          xx, yy, xm, ym, cost=cost, grad=grad, solver=solver).sum(), argnums=(0, 1)))(x, y)
+    for grad in ("envelope", "unrolled"):
+      g = jax.jit(jax.grad(lambda xx, yy, cost=cost, grad=grad: ot.sinkhorn_ot(
+          xx, yy, xm, ym, cost=cost, grad=grad).sum(), argnums=(0, 1)))(x, y)
       assert all(np.isfinite(np.asarray(t)).all() for t in g), (cost, grad)
 
 
@@ -217,6 +212,8 @@ def test_bad_options_raise():
     ot.sinkhorn_ot(x, y, xm, ym, grad="implicit")
   with pytest.raises(ValueError):
     ot.sinkhorn_ot(x, y, xm, ym, grad="unrolled", lse_mode=False)
+  with pytest.raises(TypeError):  # one solver (ott-jax): there is no solver to choose
+    ot.OTConfig(solver="jax")
   with pytest.raises(ValueError):
     ot.OTConfig(terms=("same", "cross_c"))
 
@@ -278,15 +275,15 @@ def test_ot_view_terms_match_hand_computation():
 def test_ot_view_terms_switches_remove_exactly_their_part():
   student, teacher, batch = _view_batch(1)
   proj = Projectors.ot(DT, DS, rngs=nnx.Rngs(1))
-  cfg = ot.OTConfig(solver="jax")  # the term bookkeeping is solver-independent
+  cfg = ot.OTConfig()
   full = _terms(student, teacher, batch, proj, cfg)
   only_same_final = _terms(student, teacher, batch, proj,
-                           ot.OTConfig(solver="jax", terms=("same",), layers=("final",)))
+                           ot.OTConfig(terms=("same",), layers=("final",)))
   assert set(only_same_final) == {"ot/same/final", "ot/total"}
   np.testing.assert_allclose(float(only_same_final["ot/total"]),
                              float(full["ot/same/final"]), rtol=1e-6)
   no_b = _terms(student, teacher, batch, proj,
-                ot.OTConfig(solver="jax", terms=("same", "cross_a")))
+                ot.OTConfig(terms=("same", "cross_a")))
   np.testing.assert_allclose(
       float(no_b["ot/total"]),
       float(full["ot/total"] - full["ot/cross_b/embed"] - full["ot/cross_b/final"]), rtol=1e-6)

@@ -1,7 +1,7 @@
 """Tests of the OT options beyond the paper (losses/ot.py, losses/ot_layers.py): relative ε and
 the ε schedule, the entropic value and the debiased divergence, unbalanced marginals, layer
 maps and layer weights, plan_peak. References are float64 numpy Sinkhorn loops written from the
-formulas (ott's update order for solver "ott", the authors' for "jax"), on the valid block."""
+formulas in ott's update order (column potential first), on the valid block."""
 
 import dataclasses
 
@@ -18,6 +18,7 @@ from cot2align_jax.core import spec
 from cot2align_jax.losses import ot, ot_layers
 from cot2align_jax.losses.projectors import Projectors
 from cot2align_jax.models import ModelOutput
+from tests.losses.test_ot import _terms  # ot_view_terms under jit, shared with test_ot
 
 N, M, D = 6, 8, 5
 N_VALID = np.array([6, 4, 2])
@@ -76,18 +77,6 @@ def np_ott_plan(c, eps, iters, tau_a=1.0, tau_b=1.0, init=1.0, decay=1.0):
   return np.exp((f[:, None] + g[None, :] - c) / eps)
 
 
-def np_reference_plan(c, eps, iters, tau_a=1.0, tau_b=1.0, init=1.0, decay=1.0):
-  """The authors' multiplicative loop (u first), with powers τ and the ε schedule."""
-  n, m = c.shape
-  a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
-  v = np.ones(m)
-  for t in range(iters):
-    k = np.exp(-c / (eps * max(init * decay**t, 1.0)))
-    u = (a / (k @ v + 1e-9)) ** tau_a
-    v = (b / (k.T @ u + 1e-9)) ** tau_b
-  return u[:, None] * np.exp(-c / eps) * v[None, :]
-
-
 def np_gkl(p, q):
   pos = (p > 0) & (q > 0)
   return float(np.sum(np.where(pos, p * np.log(np.where(pos, p, 1) / np.where(pos, q, 1)), 0))
@@ -129,15 +118,15 @@ def test_cost_scale_uses_only_valid_pairs(kind):
     assert float(ot.cost_scale(jnp.full((N, M), 0.3), jnp.ones(N), jnp.ones(M), kind)) == 1.0
 
 
-@pytest.mark.parametrize("kind,solver", [("mean", "ott"), ("std", "ott"), ("std", "jax")])
-def test_relative_epsilon_matches_reference(kind, solver):
+@pytest.mark.parametrize("kind", ["mean", "std"])
+def test_relative_epsilon_matches_reference(kind):
   x, y, xm, ym = _inputs(1)
-  cfg = _cfg(cost="cosine", relative_epsilon=kind, epsilon=0.5, num_iters=60, solver=solver)
+  cfg = _cfg(cost="cosine", relative_epsilon=kind, epsilon=0.5, num_iters=60)
   got = np.asarray(_ot(x, y, xm, ym, cfg))
   for i in range(3):
     c = np_cost(x[i, :N_VALID[i]], y[i, :M_VALID[i]], "cosine")
     eps = 0.5 * np_scale(c, kind)
-    plan = (np_ott_plan if solver == "ott" else np_reference_plan)(c, eps, 60)
+    plan = np_ott_plan(c, eps, 60)
     np.testing.assert_allclose(got[i], np_value(plan, c, eps, "transport"), rtol=1e-4)
 
 
@@ -164,18 +153,17 @@ def test_relative_epsilon_does_not_see_padding():
     np.testing.assert_allclose(padded[i], float(alone[0]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("solver", ["ott", "jax"])
-def test_epsilon_schedule_matches_reference_iterations(solver):
+def test_epsilon_schedule_matches_reference_iterations():
   """Few iterations, so the schedule's intermediate ε values show in the plan."""
   rng = np.random.default_rng(4)
   c = rng.uniform(size=(N, M))
-  cfg = _cfg(epsilon=0.05, num_iters=6, epsilon_init=4.0, epsilon_decay=0.5, solver=solver)
+  cfg = _cfg(epsilon=0.05, num_iters=6, epsilon_init=4.0, epsilon_decay=0.5)
   a, b = ot.uniform_marginal(jnp.ones(N)), ot.uniform_marginal(jnp.ones(M))
   got = np.asarray(_plan(jnp.asarray(c, jnp.float32), a, b, cfg))
-  ref = np_ott_plan if solver == "ott" else np_reference_plan
-  np.testing.assert_allclose(got, ref(c, 0.05, 6, init=4.0, decay=0.5), rtol=1e-4, atol=1e-8)
+  np.testing.assert_allclose(got, np_ott_plan(c, 0.05, 6, init=4.0, decay=0.5), rtol=1e-4,
+                             atol=1e-8)
   # ...and differs from the constant-ε run of the same length
-  assert not np.allclose(got, ref(c, 0.05, 6), rtol=1e-2)
+  assert not np.allclose(got, np_ott_plan(c, 0.05, 6), rtol=1e-2)
 
 
 def test_epsilon_schedule_that_does_not_reach_epsilon_is_refused():
@@ -285,15 +273,14 @@ def test_debiased_empty_side_gives_zero_and_zero_gradient(grad):
 # ---- c. unbalanced OT ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("solver", ["ott", "jax"])
-def test_unbalanced_plan_matches_reference(solver):
+def test_unbalanced_plan_matches_reference():
   rng = np.random.default_rng(10)
   c = rng.uniform(size=(N, M))
-  cfg = _cfg(epsilon=0.1, num_iters=50, solver=solver)
+  cfg = _cfg(epsilon=0.1, num_iters=50)
   a, b = ot.uniform_marginal(jnp.ones(N)), ot.uniform_marginal(jnp.ones(M))
   got = np.asarray(_plan(jnp.asarray(c, jnp.float32), a, b, cfg, tau_a=0.7, tau_b=0.9))
-  ref = np_ott_plan if solver == "ott" else np_reference_plan
-  np.testing.assert_allclose(got, ref(c, 0.1, 50, tau_a=0.7, tau_b=0.9), rtol=1e-4, atol=1e-8)
+  np.testing.assert_allclose(got, np_ott_plan(c, 0.1, 50, tau_a=0.7, tau_b=0.9), rtol=1e-4,
+                             atol=1e-8)
 
 
 def test_relaxed_cot_side_leaves_the_rationale_untransported():
@@ -443,16 +430,6 @@ def _view_batch(seed, layers):
     batch[spec.key(view, "student", "loss_mask")] = _mask(lens[(view, "student")], LS)
     batch[spec.key(view, "teacher", "loss_mask")] = _mask(lens[(view, "teacher")], LT)
   return student, teacher, batch
-
-
-def _terms(student, teacher, batch, proj, cfg):
-  graphdef, params = nnx.split(proj)
-  return _terms_jit(student, teacher, batch, graphdef, params, cfg)
-
-
-@jax.jit(static_argnums=(3, 5))
-def _terms_jit(student, teacher, batch, graphdef, params, cfg):
-  return ot.ot_view_terms(student, teacher, batch, nnx.merge(graphdef, params), cfg)
 
 
 @pytest.mark.parametrize("weighting", ["learned", "uncertainty"])

@@ -3,7 +3,7 @@ with an OT block that aligns (docs/losses.md, "OT that aligns"; the paper's futu
 
 Composed like cot2align (`get_method("cot2align_plus", base)`, default base dskd_cma). Its OT
 settings are `Params` (config section kd.cot2align_plus) laid over kd.ot: the fields of Params
-replace those of kd.ot, every other kd.ot key (num_iters, grad, solver, terms, layers,
+replace those of kd.ot, every other kd.ot key (num_iters, grad, lse_mode, terms, layers,
 ot_term_scale) still applies. Setting a kd.ot key that Params overrides is refused, so a
 config cannot believe it changed what this method ignores.
 """
