@@ -1,5 +1,6 @@
 """Tests of cot2align_jax.losses.ot: Sinkhorn OT values, gradients, padding and the OT terms."""
 
+import functools
 import itertools
 
 import jax
@@ -113,11 +114,12 @@ def test_vmap_equals_loop_and_padding_changes_nothing():
   np.testing.assert_allclose(g_noisy, g_clean, rtol=1e-5, atol=1e-9)
 
 
-@jax.jit
-def _reg_ot_cost(c, a, b):
-  solver = ott_sinkhorn.Sinkhorn(min_iterations=200, max_iterations=200, implicit_diff=None)
+@functools.partial(jax.jit, static_argnames=("epsilon", "iters"))
+def _reg_ot_cost(c, a, b, epsilon=10.0, iters=200):
+  """ott's entropic objective (from its duals) after `iters` fixed iterations."""
+  solver = ott_sinkhorn.Sinkhorn(min_iterations=iters, max_iterations=iters, implicit_diff=None)
   return solver(linear_problem.LinearProblem(
-      ott_geometry.Geometry(cost_matrix=c, epsilon=10.0), a=a, b=b)).reg_ot_cost
+      ott_geometry.Geometry(cost_matrix=c, epsilon=epsilon), a=a, b=b)).reg_ot_cost
 
 
 def test_envelope_gradient_is_derivative_of_entropic_objective():

@@ -10,15 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from ott.geometry import geometry as ott_geometry
-from ott.problems.linear import linear_problem
-from ott.solvers.linear import sinkhorn as ott_sinkhorn
 
 from cot2align_jax.core import spec
 from cot2align_jax.losses import ot, ot_layers
 from cot2align_jax.losses.projectors import Projectors
 from cot2align_jax.models import ModelOutput
-from tests.losses.test_ot import _terms  # ot_view_terms under jit, shared with test_ot
+from tests.losses.test_ot import _reg_ot_cost, _terms  # shared with test_ot
 
 N, M, D = 6, 8, 5
 N_VALID = np.array([6, 4, 2])
@@ -181,13 +178,6 @@ def test_epsilon_schedule_that_does_not_reach_epsilon_is_refused():
 # ---- b. the entropic value and the debiased Sinkhorn divergence ------------------------------
 
 
-@jax.jit
-def _ott_reg_ot_cost(c, a, b):
-  solver = ott_sinkhorn.Sinkhorn(min_iterations=400, max_iterations=400, implicit_diff=None)
-  return solver(linear_problem.LinearProblem(
-      ott_geometry.Geometry(cost_matrix=c, epsilon=0.1), a=a, b=b)).reg_ot_cost
-
-
 def test_entropic_value_equals_otts_dual_objective():
   """Balanced: <P, C> + ε·KL(P‖ab) at convergence = ott's reg_ot_cost (computed from duals)."""
   rng = np.random.default_rng(5)
@@ -195,7 +185,7 @@ def test_entropic_value_equals_otts_dual_objective():
   a, b = ot.uniform_marginal(jnp.ones(N)), ot.uniform_marginal(jnp.ones(M))
   cfg = _cfg(epsilon=0.1, num_iters=400, value="entropic")
   got = jax.jit(lambda cc: ot.sinkhorn_value(cc, jnp.ones(N), jnp.ones(M), cfg))(c)
-  np.testing.assert_allclose(float(got), float(_ott_reg_ot_cost(c, a, b)), rtol=1e-5)
+  np.testing.assert_allclose(float(got), float(_reg_ot_cost(c, a, b, epsilon=0.1, iters=400)), rtol=1e-5)
 
 
 def test_unbalanced_entropic_value_is_the_primal_minimum():
