@@ -94,7 +94,7 @@ def _evaluate() -> None:
   for item in [s.strip() for s in datasets.split(",") if s.strip()]:
     name, _, split = item.partition("/")
     split = split or FLAGS.split or _test_split(name)
-    fn = cli_flags.prompt_fns(name)[0]
+    fn = cli_flags.prompt_fns(config, name)[0]
     if sets and fn is not prompt_fn:
       raise UsageError(f"{name} cannot be mixed with sets that use other prompts")
     prompt_fn = fn

@@ -93,7 +93,7 @@ def _generate_cot() -> None:
   report = generate_rationales(model, tokenizer, examples, out, settings=settings,
                                seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                                cot_rule=cot_rule, max_examples=max_examples,
-                               mesh=mesh, prompt_fn=cli_flags.prompt_fns(dataset)[1])
+                               mesh=mesh, prompt_fn=cli_flags.prompt_fns(config, dataset)[1])
   print(f"{report.path}: {report.already_done + report.generated}/{report.selected} done "
         f"({report.generated} new, {report.already_done} before); "
         f"{report.tokens} tokens in {report.seconds:.1f} s = {report.tokens_per_s:.0f} tok/s")

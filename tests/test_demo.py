@@ -125,6 +125,12 @@ def test_rerun_keeps_every_stage(demo_run):
   assert proc.stdout.count("kept from an earlier run") >= 3 + len(METHODS)
   after = json.loads((workdir / "demo_results.json").read_text())
   assert [r["accuracy"] for r in after["results"]] == [r["accuracy"] for r in before["results"]]
+  # the kept stages report the seconds they took when they ran, not the rerun's
+  bt, at = before["timings_s"], after["timings_s"]
+  for stage in ("data", "teacher", "rationales") + tuple(f"student/{m}" for m in METHODS):
+    assert at[stage] == bt[stage], stage
+  assert at["this_run"] < at["total"]
+  assert f"{at['this_run']:.0f} s in the last run" in (workdir / "demo_results.md").read_text()
 
 
 def test_stop_after_rationales_prepares_data_teacher_and_rationales_only(demo_run, tmp_path):

@@ -1,8 +1,9 @@
 """Shared settings of the five paper settings (docs/method.md §5); not a config file itself.
 
 All settings: AdamW (wd 0.01, no decay on biases and norms), cosine decay to 1e-7, no warmup,
-grad clip 1.0, max length 512, prompt 256, τ = 2.0, projector lr 1e-3, seed 10, batch 32; the
-best checkpoint by dev ROUGE-L, evaluated once per epoch. Dolly is the training set.
+grad clip 1.0, max length 512, prompt 256, no BOS (data.special_tokens = "reference"), τ = 2.0,
+projector lr 1e-3, seed 10, batch 32; the best checkpoint by dev ROUGE-L, evaluated once per
+epoch. Dolly is the training set.
 
 The teacher path must be the teacher *fine-tuned on the task's plain data* (the paper's
 teachers are; the Hub names below are their base models), and `data.rationales` a JSONL file of
@@ -44,6 +45,7 @@ def paper_config(this_file, *, teacher: str, student: str, base: str, kd_rate: f
   c.data.max_prompt = 256
   c.data.max_len = 512
   c.data.buckets = (128, 256, 512)
+  c.data.special_tokens = "reference"   # no BOS, only the appended EOS: the paper's code
 
   c.kd.method = "cot2align"
   c.kd.base = base

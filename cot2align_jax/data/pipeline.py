@@ -29,7 +29,8 @@ from absl import flags
 
 from cot2align_jax.alignment import mined, spans
 from cot2align_jax.core import spec
-from cot2align_jax.data.tokenize import TokenizedView, pad_id, tokenize_view
+from cot2align_jax.data.tokenize import (TokenizedView, check_special_tokens, pad_id,
+                                         tokenize_view)
 
 _log = logging.getLogger(__name__)
 ALIGNMENTS = ("eta", "mined")
@@ -44,7 +45,10 @@ class PipelineConfig:
   shuffle: shuffle at all.
   num_epochs: passes over the data; None = forever.
   buckets: allowed sequence lengths (ascending); the largest must be ≥ max_len - 1.
-  max_prompt, max_len: tokenization limits (tokenize.tokenize_view).
+  max_prompt, max_len: tokenization limits (tokenize.tokenize_view): max_prompt counts prompt
+    tokens only, max_len every id (a BOS included).
+  special_tokens: "convention" (each side gets a BOS iff its tokenizer adds one itself) or
+    "reference" (no BOS on either side, the paper's code); only EOS is appended either way.
   drop_remainder: drop a short last batch (else it is padded with example_id -1 rows).
   alignment: alignment arrays to compute, of ("eta", "mined"); the others are zero with mask 0
     (a method the alignment module lacks raises at Pipeline construction).
@@ -67,6 +71,7 @@ class PipelineConfig:
   buckets: tuple[int, ...] = (64, 128, 256, 512)
   max_prompt: int = 256
   max_len: int = 512
+  special_tokens: str = "convention"
   drop_remainder: bool = False
   alignment: tuple[str, ...] = ALIGNMENTS
   shard_index: int | None = None
@@ -77,6 +82,9 @@ class PipelineConfig:
   prefetch_buffer: int = 0
   worker_count: int = 0
   worker_buffer_size: int = 2
+
+  def __post_init__(self):
+    check_special_tokens(self.special_tokens)
 
   def validate(self) -> None:
     """Raises ValueError on settings that cannot work."""
@@ -248,7 +256,8 @@ class RowBuilder:
   def view(self, prompt: str, response: str, side: str) -> TokenizedView:
     """One view tokenized by one side's tokenizer."""
     return tokenize_view(prompt, response, self.toks[side], max_prompt=self.config.max_prompt,
-                         max_len=self.config.max_len)
+                         max_len=self.config.max_len,
+                         special_tokens=self.config.special_tokens)
 
   def __call__(self, record: Any) -> dict[str, Any]:
     has_pair = bool(_field(record, "has_pair"))

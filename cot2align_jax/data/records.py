@@ -56,7 +56,8 @@ class Example:
   """One row of an instruction set.
 
   `id` is stable across runs: the row's own "id" field when it has one, else
-  "{dataset}/{split}/{row index}" (0-based line number in the source file).
+  "{dataset}/{split}/{row index}" (0-based line number in the source file). `messages`: the
+  (role, content) turns before the response when the row was a chat (data/files.py), else ().
   """
 
   id: str
@@ -65,6 +66,7 @@ class Example:
   outputs: tuple[str, ...]
   dataset: str
   split: str
+  messages: tuple[tuple[str, str], ...] = ()
 
   def __post_init__(self):
     if not isinstance(self.outputs, tuple) or not self.outputs:

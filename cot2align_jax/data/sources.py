@@ -71,6 +71,13 @@ DATASETS: dict[str, DatasetSpec] = {
                         shared=False, generated_by="drawn in memory by data.arith.tiny_examples "
                         "for student.tiny / teacher.tiny runs; no files"),
 }
+# A user's own files (data/files.py): the splits are data.train_file / dev_file / test_file.
+FILE_SPLITS = {"train": "train_file", "dev": "dev_file", "test": "test_file"}
+for _name in ("file", "jsonl"):
+  DATASETS[_name] = DatasetSpec("", tuple(FILE_SPLITS), test_split="test", shared=False,
+                                generated_by="your own file, data." + "/".join(
+                                    FILE_SPLITS.values()))
+FILE_DATASETS = ("file", "jsonl")
 
 
 class JsonlRead(NamedTuple):

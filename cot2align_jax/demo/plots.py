@@ -145,7 +145,8 @@ def ot_plan_example(config, run_dir: str | Path, data_dir: str | Path, *, index:
   states = {}
   for side, model, tok in (("student", student, restored.tokenizer), ("teacher", teacher, t_tok)):
     view = tokenize_view(record.prompt, record.response, tok,
-                         max_prompt=int(config.data.max_prompt), max_len=int(config.data.max_len))
+                         max_prompt=int(config.data.max_prompt), max_len=int(config.data.max_len),
+                         special_tokens=str(config.data.special_tokens))
     ids = np.asarray(view.ids)[None, :]
     hidden = model(jnp.asarray(ids), hidden_states="ends", logits="none").hidden_states[-1][0]
     first = max(int(np.argmax(view.response_mask)) - prompt_tail, 0)

@@ -8,7 +8,9 @@
     best = dev_rouge_l(model, tokenizer, dev_examples)  # for best-checkpoint selection
 
 * Prompts: tokenized with no special tokens added; one longer than `max_prompt_length` keeps its
-  **last** tokens (`truncate_side="left"`, default) or its first (`"right"`). Rows are
+  **last** tokens (`truncate_side="left"`, default) or its first (`"right"`); then the BOS is
+  put first when `special_tokens` says so (data/tokenize.py `bos_ids`: "convention" = iff the
+  tokenizer adds one itself; "reference" = never), not counted in `max_prompt_length`. Rows are
   left-padded with the tokenizer's pad id (else its EOS, else the model config's); the batch
   width is the longest prompt rounded up to `prompt_bucket`, and a short last batch is filled
   with copies of its last prompt whose outputs are dropped.
@@ -40,6 +42,7 @@ from flax import nnx
 
 from cot2align_jax.data.records import Example, plain_prompt
 from cot2align_jax.data.sources import DATASETS
+from cot2align_jax.data.tokenize import bos_ids, check_special_tokens
 from cot2align_jax.evaluation import gsm8k as gsm8k_metric
 from cot2align_jax.evaluation.rouge import rouge_l
 from cot2align_jax.models import generation as G
@@ -64,8 +67,10 @@ class SamplingSettings:
   max_new_tokens: int | None = None       # None: max_length - max_prompt_length
   truncate_side: Literal["left", "right"] = "left"   # left: keep the prompt's last tokens
   prompt_bucket: int = 64
+  special_tokens: str = "convention"     # BOS before the prompt: data/tokenize.py bos_ids
 
   def __post_init__(self):
+    check_special_tokens(self.special_tokens)
     if self.truncate_side not in ("left", "right"):
       raise ValueError(f"truncate_side must be 'left' or 'right', got {self.truncate_side!r}")
     if self.max_prompt_length < 1 or self.prompt_bucket < 1:
@@ -140,9 +145,11 @@ class TextGenerator:
                              {tokenizer.convert_ids_to_tokens(i) for i in self.eos_ids
                               if i < len(tokenizer)} if isinstance(s, str) and s)
     self.gen_cfg = self.settings.generation_config(self.eos_ids, self.pad_id)
-    budget = self.settings.max_prompt_length + self.settings.new_tokens
+    self.bos = bos_ids(tokenizer, self.settings.special_tokens)
+    budget = len(self.bos) + self.settings.max_prompt_length + self.settings.new_tokens
     if budget > mcfg.max_position_embeddings:
-      raise ValueError(f"max_prompt_length={self.settings.max_prompt_length} + "
+      raise ValueError(f"{'BOS + ' if self.bos else ''}max_prompt_length="
+                       f"{self.settings.max_prompt_length} + "
                        f"{self.settings.new_tokens} new tokens exceeds the model's "
                        f"max_position_embeddings={mcfg.max_position_embeddings}")
     self.mesh, self.data_axis = mesh, data_axis
@@ -166,14 +173,16 @@ class TextGenerator:
   # -- tokens -------------------------------------------------------------------------------
 
   def encode(self, prompt: str) -> list[int]:
-    """Prompt ids (no special tokens), truncated to max_prompt_length per `truncate_side`."""
+    """Prompt ids (no special tokens added by the tokenizer), truncated to max_prompt_length per
+    `truncate_side`, then the BOS (`self.bos`, [] or one id) put first: ≤ max_prompt_length + 1
+    ids."""
     ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     n = self.settings.max_prompt_length
     if len(ids) > n:
       ids = ids[-n:] if self.settings.truncate_side == "left" else ids[:n]
     if not ids:
       raise ValueError(f"prompt {prompt[:40]!r} has no tokens")
-    return ids
+    return list(self.bos) + ids
 
   def pad_batch(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded ids, mask [batch_size, width] (short batches filled with the last row)."""

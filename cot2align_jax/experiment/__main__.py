@@ -47,10 +47,11 @@ def _list(text: str) -> list[str]:
 
 
 def _seeds(text: str) -> list[int]:
+  """"0,1,2" or "0-1-2" (the spec args' separator) → [0, 1, 2]."""
   try:
-    return [int(s) for s in _list(text)]
+    return [int(s) for s in _list(text.replace("-", ","))]
   except ValueError:
-    raise SpecError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    raise SpecError(f"--seeds must be integers separated by ',' or '-', got {text!r}") from None
 
 
 def main(argv) -> None:

@@ -6,7 +6,10 @@
 A unit's config is the run's config file with, in order, spec.overrides, the run's overrides,
 the seed keys (spec.seed_keys = seed) and the budget's train.steps / train.epochs. The step
 count is the training loop's schedule: epochs × (records // batch) with data.drop_remainder
-(ceil otherwise), or train.steps.
+(ceil otherwise), or train.steps. A compute-budget unit whose step count equals the run's
+epochs-budget step count trains exactly the same (same schedule, same batches: the shuffled
+records repeat the same way), so it names that unit in `same_as` and the runner reuses its
+result instead of training it twice.
 """
 
 from __future__ import annotations
@@ -44,13 +47,14 @@ class Unit:
   batch_size: int
   steps: int | None                # planned optimizer steps
   note: str = ""                   # why records/steps are unknown
+  same_as: str = ""                # key of a unit whose training is this one's (see make_plan)
 
   @property
   def key(self) -> str:
     return f"{self.run}/{self.budget}/seed{self.seed}"
 
   def dir(self, workdir: Path) -> Path:
-    return Path(workdir) / "runs" / self.run / self.budget / f"seed{self.seed}"
+    return unit_dir(self.key, workdir)
 
   @property
   def config_text(self) -> str:
@@ -171,6 +175,7 @@ def make_plan(spec: ExperimentSpec, workdir: str | Path, *, only: Sequence[str] 
         per_epoch = (steps_per_epoch(n, batch, bool(cfg.data.drop_remainder))
                      if n is not None else None)
         extra: dict[str, Any] = {k: seed for k in spec.seed_keys}
+        same_as = ""
         if budget == "epochs":
           extra.update({"train.epochs": int(spec.epochs), "train.steps": 0})
           steps = spec.epochs * per_epoch if per_epoch is not None else None
@@ -179,6 +184,9 @@ def make_plan(spec: ExperimentSpec, workdir: str | Path, *, only: Sequence[str] 
           if steps is None:
             note = notes.get(spec.baseline) or "baseline records unknown"
           extra.update({"train.steps": steps if steps is not None else 0, "train.epochs": 0})
+          if (steps is not None and per_epoch is not None and spec.epochs
+              and steps == spec.epochs * per_epoch and "epochs" in spec.budgets):
+            same_as = f"{name}/epochs/seed{seed}"
         else:
           if int(cfg.train.steps) > 0:
             steps = int(cfg.train.steps)
@@ -189,7 +197,8 @@ def make_plan(spec: ExperimentSpec, workdir: str | Path, *, only: Sequence[str] 
         overrides.update(extra)
         units.append(Unit(run=name, budget=budget, seed=int(seed), config_path=path,
                           config_arg=arg, overrides=overrides, method=method_name(cfg),
-                          records=n, batch_size=batch, steps=steps, note=note))
+                          records=n, batch_size=batch, steps=steps, note=note,
+                          same_as=same_as))
   return units
 
 
@@ -211,10 +220,18 @@ def read_result(unit_dir: Path) -> dict[str, Any] | None:
   return json.loads(path.read_text()) if path.is_file() else None
 
 
+def unit_dir(key: str, workdir: Path) -> Path:
+  """The directory of the unit with this key (run/budget/seed<k>)."""
+  run, budget, seed = key.rsplit("/", 2)
+  return Path(workdir) / "runs" / run / budget / seed
+
+
 def status(unit: Unit, workdir: Path) -> str:
   d = unit.dir(workdir)
   if (d / RESULT_FILE).is_file():
     return "done"
+  if unit.same_as:
+    return f"same as {unit.same_as}"
   if (d / FAILED_FILE).is_file():
     return "failed"
   step = latest_checkpoint_step(d / TRAIN_DIR)
@@ -245,7 +262,7 @@ def estimate(units: Sequence[Unit], spec: ExperimentSpec, workdir: Path) -> list
   out = []
   for u in units:
     st = status(u, workdir)
-    if st == "done":
+    if st == "done" or st.startswith("same as"):
       out.append(0.0)
       continue
     if u.steps is None:

@@ -52,8 +52,25 @@ def aggregate(spec: ExperimentSpec, units: Sequence[Unit],
       "columns": columns, "confidence": stats.CONFIDENCE,
       "bootstrap": {"draws": stats.BOOTSTRAP_DRAWS, "seed": stats.BOOTSTRAP_SEED},
       "rows": rows, "done": len(by_key), "units": len(units),
+      "same_as": {k: r["same_as"] for k, r in by_key.items() if r.get("same_as")},
+      "seconds": _seconds(by_key, units),
       "missing": [u.key for u in units if u.key not in by_key],
   }
+
+
+def _seconds(by_key: Mapping[str, Any], units: Sequence[Unit]) -> dict[str, dict[str, Any]]:
+  """{"run/budget": {"train": mean s, "eval": mean s, "units": n}} of the units that trained
+  (a reused unit's time is its twin's and is not counted again)."""
+  acc: dict[str, list[tuple[float, float]]] = {}
+  for u in units:
+    r = by_key.get(u.key)
+    if r is None or r.get("same_as"):
+      continue
+    acc.setdefault(f"{u.run}/{u.budget}", []).append((float(r.get("train_seconds") or 0.0),
+                                                     float(r.get("eval_seconds") or 0.0)))
+  return {k: {"train": round(sum(t for t, _ in v) / len(v), 1),
+              "eval": round(sum(e for _, e in v) / len(v), 1), "units": len(v)}
+          for k, v in acc.items()}
 
 
 def _row(spec, by_key, budget, run, column, seeds) -> dict[str, Any]:
@@ -114,7 +131,11 @@ def markdown(payload: Mapping[str, Any]) -> str:
             f"seeds × test items ({payload['bootstrap']['draws']} draws, seed "
             f"{payload['bootstrap']['seed']}, percentile interval).", ""]
   for budget in payload["budgets"]:
-    lines += [f"## Budget `{budget}`", "", f"{payload['budget_text'][budget]}.", "",
+    shared = sorted({k.split("/")[0] for k in payload.get("same_as", {})
+                     if k.split("/")[1] == budget})
+    reuse = (f" Runs with the same step count as under `epochs` reuse that training: "
+             f"{', '.join(shared)}." if shared else "")
+    lines += [f"## Budget `{budget}`", "", f"{payload['budget_text'][budget]}.{reuse}", "",
               f"| run | column | steps | per seed | mean ± std | {pct}% CI | Δ vs baseline | "
               f"Δ {pct}% CI (t) | Δ {pct}% CI (bootstrap) |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -136,6 +157,14 @@ def markdown(payload: Mapping[str, Any]) -> str:
       lines.append(f"| {row['label']} | {row['column']} | {steps} | {per} | "
                    f"{_f(s['mean'])} ± {_f(s['std'])} | {_ci(s['ci_low'], s['ci_high'])} | "
                    f"{delta[0]} | {delta[1]} | {delta[2]} |")
+    lines.append("")
+  if payload.get("seconds"):
+    lines += ["## Wall time per unit", "",
+              "Mean seconds of the units that trained (several units may have run at once).", "",
+              "| run | budget | train s | eval s | units |", "|---|---|---|---|---|"]
+    for key, t in payload["seconds"].items():
+      run, budget = key.rsplit("/", 1)
+      lines.append(f"| {run} | {budget} | {t['train']:.0f} | {t['eval']:.0f} | {t['units']} |")
     lines.append("")
   if payload["missing"]:
     lines += [f"Not done yet ({len(payload['missing'])}): " +

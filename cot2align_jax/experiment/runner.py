@@ -5,7 +5,8 @@
 A unit's directory (workdir/runs/<run>/<budget>/seed<k>/) holds unit.json (what it is),
 train/ (the training workdir: checkpoints, metrics.jsonl, export/), train.log / eval.log (the
 subprocesses' stderr), train_done.json, eval.json and, written atomically and last,
-result.json: the done-marker. A unit with result.json is never rerun; one without resumes:
+result.json: the done-marker. A unit with result.json is never rerun; a unit that is the same
+training as a finished one (plan.Unit.same_as) gets a copy of its result; one without resumes:
 `python -m cot2align_jax.train` continues from train/checkpoints. A failed subprocess writes
 failed.json and the sweep goes on with the next unit. SIGINT / SIGTERM stop the sweep: the
 running trainer gets SIGTERM (it saves a checkpoint) and `Interrupted` is raised. The children
@@ -219,6 +220,21 @@ def run_unit(unit: P.Unit, spec: ExperimentSpec, workdir: Path,
   return result
 
 
+def reuse_result(unit: P.Unit, workdir: Path) -> dict[str, Any] | None:
+  """A unit with `same_as` whose twin is done: the twin's result under this unit's name and
+  overrides (written as this unit's result.json); None if the twin has no result yet."""
+  twin = P.read_result(P.unit_dir(unit.same_as, workdir))
+  if twin is None:
+    return None
+  result = dict(twin, unit=unit.key, budget=unit.budget,
+                overrides=unit.to_json()["overrides"], planned_steps=unit.steps,
+                steps_match_plan=twin["steps"] == unit.steps, same_as=unit.same_as)
+  d = unit.dir(workdir)
+  d.mkdir(parents=True, exist_ok=True)
+  write_json_atomic(d / P.RESULT_FILE, result)
+  return result
+
+
 def prepare(spec: ExperimentSpec, workdir: Path) -> None:
   """The spec's prepare step, once (workdir/prepare/prepared.json marks it done)."""
   if spec.prepare is None:
@@ -262,6 +278,11 @@ def run_units(spec: ExperimentSpec, workdir: Path, units: Sequence[P.Unit], *,
         continue
       if signals.stop:
         raise Interrupted("stopped by a signal")
+      old = reuse_result(unit, workdir) if unit.same_as else None
+      if old is not None:
+        results.append(old)
+        bar.update(1)
+        continue
       try:
         results.append(run_unit(unit, spec, workdir, signals))
       except UnitFailed as e:

@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from cot2align_jax.data import arith, sources
-from cot2align_jax.data.records import DataError, Example, get_template
+from cot2align_jax.data import sources
+from cot2align_jax.data.records import DataError, Example
 from cot2align_jax.evaluation.protocol import SamplingSettings, TextGenerator, score_texts
 from cot2align_jax.evaluation.protocol import metric_for
 from cot2align_jax.models import from_pretrained, load_tokenizer
 from cot2align_jax.models.config import ModelError
 from cot2align_jax.training import config as C
+from cot2align_jax.training import setup
 
 EVAL_FILE = "eval.json"
 EXPORT_DIR = "export"
@@ -45,16 +46,13 @@ def dataset_items(config, datasets: Sequence[str]) -> list[str]:
 
 
 def examples_of(config, item: str, max_examples: int) -> list[Example]:
-  """The examples of "name/split" (the tiny set is drawn in memory with data.seed)."""
+  """The examples of "name/split" (setup.split_examples: the tiny set, own files, registry)."""
   name, _, split = item.partition("/")
-  n = max_examples or None
-  if name == "tiny":
-    return arith.tiny_examples(split, n, seed=int(config.data.seed))
-  return sources.read_examples(name, split, source=config.data.source or None, max_examples=n)
+  return setup.split_examples(config, name, split, max_examples or None)
 
 
-def prompt_fn(name: str, prompt: str):
-  template = get_template(sources.dataset_spec(name).template)
+def prompt_fn(config, name: str, prompt: str):
+  template = setup.data_template(config, name)
   return template.cot if prompt == "cot" else template.plain
 
 
@@ -66,7 +64,8 @@ def settings_for(config, evaluation: dict[str, Any], prompt: str) -> SamplingSet
                           top_p=float(evaluation["top_p"]),
                           no_repeat_ngram_size=int(evaluation["no_repeat_ngram_size"]),
                           max_prompt_length=max_prompt, max_length=max_prompt + new,
-                          max_new_tokens=new, prompt_bucket=int(evaluation["prompt_bucket"]))
+                          max_new_tokens=new, prompt_bucket=int(evaluation["prompt_bucket"]),
+                          special_tokens=str(config.data.special_tokens))
 
 
 def evaluate_unit(unit: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +90,7 @@ def evaluate_unit(unit: dict[str, Any]) -> dict[str, Any]:
       start = time.perf_counter()
       generator = TextGenerator(model, tokenizer, settings_for(config, evaluation, prompt),
                                 batch_size=int(evaluation["batch_size"]))
-      prompts = [prompt_fn(item.partition("/")[0], prompt)(ex) for ex in examples]
+      prompts = [prompt_fn(config, item.partition("/")[0], prompt)(ex) for ex in examples]
       per_seed = []
       for seed in evaluation["sampling_seeds"]:
         texts = generator.generate(prompts, int(seed))

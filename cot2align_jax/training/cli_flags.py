@@ -13,12 +13,12 @@ from absl import flags
 
 from cot2align_jax.core import cli
 from cot2align_jax.core.cli import UsageError
-from cot2align_jax.data import arith
-from cot2align_jax.data.records import Example, get_template
-from cot2align_jax.data.sources import DATASETS, read_examples
+from cot2align_jax.data.records import Example
+from cot2align_jax.data.tokenize import SPECIAL_TOKENS
 from cot2align_jax.evaluation.protocol import SamplingSettings
 from cot2align_jax.models import from_pretrained, load_tokenizer
 from cot2align_jax.training import config as C
+from cot2align_jax.training import setup
 from cot2align_jax.training.mesh import maybe_initialize_distributed
 
 FLAGS = flags.FLAGS
@@ -69,6 +69,9 @@ def define_generation_flags() -> None:
   once(flags.DEFINE_integer, "max_new_tokens", None, "default: max_length - max_prompt_length")
   once(flags.DEFINE_enum, "truncate_side", "left", ["left", "right"],
        "left: keep a long prompt's last tokens; right: its first")
+  once(flags.DEFINE_enum, "special_tokens", None, list(SPECIAL_TOKENS),
+       "BOS before each prompt: convention = iff the tokenizer adds one, reference = never "
+       "(default: the config's data.special_tokens, else convention)")
   once(flags.DEFINE_bool, "shard", True, "shard batches over all devices (mesh axis 'data')")
 
 
@@ -82,21 +85,26 @@ def run_guarded(body: Callable[[], None]) -> None:
 
 
 def sampling_settings(config=None) -> SamplingSettings:
-  """SamplingSettings of the flags; with a config, max_length / max_prompt_length not given on
-  the command line come from data.max_len / data.max_prompt."""
+  """SamplingSettings of the flags; with a config, max_length / max_prompt_length /
+  special_tokens not given on the command line come from data.max_len / data.max_prompt /
+  data.special_tokens."""
   max_length, max_prompt = FLAGS.max_length, FLAGS.max_prompt_length
+  special_tokens = FLAGS.special_tokens or "convention"
   if config is not None:
     pipe = C.pipeline_config(config)
     if not FLAGS["max_length"].present:
       max_length = pipe.max_len
     if not FLAGS["max_prompt_length"].present:
       max_prompt = pipe.max_prompt
+    if FLAGS.special_tokens is None:
+      special_tokens = pipe.special_tokens
   return SamplingSettings(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
                           no_repeat_ngram_size=FLAGS.no_repeat_ngram,
                           max_length=max_length,
                           max_prompt_length=max_prompt,
                           max_new_tokens=FLAGS.max_new_tokens,
-                          truncate_side=FLAGS.truncate_side)
+                          truncate_side=FLAGS.truncate_side,
+                          special_tokens=special_tokens)
 
 
 def cli_config():
@@ -112,21 +120,17 @@ def cli_config():
 
 
 def config_examples(config, name: str, split: str, max_examples: int | None) -> list[Example]:
-  """Examples of one set: the tiny size's splits (data.arith, in memory, seed data.seed) for
-  "tiny", else the data registry (--data_dir, else the config's data.source)."""
-  if name == "tiny":
-    return arith.tiny_examples(split, max_examples,
-                               seed=C.pipeline_config(config).seed if config is not None else 0)
-  source = (C.data_config(config).source or None) if config is not None else None
-  return read_examples(name, split, source=FLAGS.data_dir or source, max_examples=max_examples)
+  """Examples of one set (setup.split_examples; a registered set under --data_dir, else the
+  config's data.source)."""
+  return setup.split_examples(config, name, split, max_examples, source=FLAGS.data_dir or None)
 
 
-def prompt_fns(name: str):
-  """(plain prompt fn, CoT prompt fn) of a set: the "qa" template's for sets registered with
-  it (arith, tiny), else (None, None) = the Alpaca templates of data.records."""
-  spec = DATASETS.get(name)
-  if spec is not None and spec.template != "alpaca":
-    template = get_template(spec.template)
+def prompt_fns(config, name: str):
+  """(plain prompt fn, CoT prompt fn) of a set: its template's (data.template, else the set's
+  own) for every template but Alpaca, else (None, None) = the Alpaca templates of
+  data.records."""
+  template = setup.data_template(config, name)
+  if template.name != "alpaca":
     return template.plain, template.cot
   return None, None
 

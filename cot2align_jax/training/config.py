@@ -97,7 +97,11 @@ class DataConfig:
   {"id", "rationale"} of the teacher's CoT ("" = no CoT records); cot_rule: which examples get
   a CoT record; dev_split / dev_max_examples: the dev evaluation ("" = none; 0 = all);
   alignment: "auto" (what the method needs) or comma-separated PipelineConfig.alignment names
-  ("" = none).
+  ("" = none). Own data (dataset = "file" or "jsonl", docs/data.md): train_file / dev_file /
+  test_file are the splits train / dev / test (JSONL, JSON, Parquet, CSV or a saved `datasets`
+  directory), fields the field mapping (data/files.py), on_error "skip" (count and skip bad
+  rows, prompts over data.max_prompt tokens included) or "raise"; template: the prompt
+  template ("" = the data set's: alpaca, qa).
   """
   dataset: str = "dolly"
   split: str = "train"
@@ -108,6 +112,12 @@ class DataConfig:
   dev_split: str = "dev"
   dev_max_examples: int = 0
   alignment: str = "auto"
+  train_file: str = ""
+  dev_file: str = ""
+  test_file: str = ""
+  fields: str = "auto"
+  on_error: str = "skip"
+  template: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

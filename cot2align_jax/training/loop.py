@@ -36,7 +36,6 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from cot2align_jax.core import spec
-from cot2align_jax.data import records, sources
 from cot2align_jax.evaluation.protocol import SamplingSettings, dev_rouge_l
 from cot2align_jax.losses.methods import build_projectors
 from cot2align_jax.models import hf
@@ -117,13 +116,15 @@ def _global_stop(flag: bool) -> bool:
 
 def _rouge_dev_metric_fn(problem: setup.Problem, config, mesh) -> DevMetricFn:
   """Dev ROUGE-L (exact match for sets registered with it) of one sampled pass, with the
-  config's prompt / total lengths (data.max_prompt / data.max_len) and the set's prompts."""
+  config's prompt / total lengths (data.max_prompt / data.max_len), its BOS setting
+  (data.special_tokens) and the set's prompts."""
   pipe, data = C.pipeline_config(config), C.data_config(config)
   seed = C.train_config(config).seed
-  kw = dict(settings=SamplingSettings(max_length=pipe.max_len, max_prompt_length=pipe.max_prompt))
+  kw = dict(settings=SamplingSettings(max_length=pipe.max_len, max_prompt_length=pipe.max_prompt,
+                                      special_tokens=pipe.special_tokens))
   tiny = bool(C.model_spec(config, "student").tiny)
   dataset = "tiny" if tiny else data.dataset  # tiny runs: the tiny set
-  template = records.get_template(sources.dataset_spec(dataset).template)
+  template = setup.data_template(config, dataset)
   if template.name != "alpaca":
     kw["prompt_fn"] = template.plain
 

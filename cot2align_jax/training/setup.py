@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -24,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from cot2align_jax.alignment.mined import build_mined_vocab_map
-from cot2align_jax.data import arith, sources
+from cot2align_jax.data import arith, files, sources
 from cot2align_jax.data import records as R
 from cot2align_jax.data.pipeline import Pipeline, PipelineConfig
 from cot2align_jax.losses.methods import METHODS, KDConfig, Method
@@ -32,6 +33,8 @@ from cot2align_jax.models import hf
 from cot2align_jax.models.config import ModelConfig, ModelError
 from cot2align_jax.models.toy import tiny_student_config, tiny_teacher_config
 from cot2align_jax.training import config as C
+
+log = logging.getLogger(__name__)
 
 TINY_COT_FRACTION = 0.5   # tiny runs without data.rationales: gold CoT for about half the problems
 
@@ -123,16 +126,56 @@ def _rationales(path: str, examples) -> dict:
   return sources.import_rationales(path, examples, on_unknown="drop")
 
 
-def read_records(config: ml_collections.ConfigDict):
-  """(train records, dev records, dev examples) of a registered data set (data.*); a method
-  that uses rationales without data.rationales is a ConfigError unless data.cot_rule=none."""
-  d = C.data_config(config)
-  source = d.source or None
+def data_template(config: ml_collections.ConfigDict | None, name: str) -> R.Template:
+  """The prompt template of data set `name`: data.template when set, else the set's own."""
+  given = C.data_config(config).template if config is not None else ""
   try:
-    examples = sources.read_examples(d.dataset, d.split, source=source,
-                                     max_examples=d.max_examples or None)
+    return R.get_template(given or sources.dataset_spec(name).template)
+  except (KeyError, ValueError) as e:
+    raise C.ConfigError(f"data.template: {e.args[0] if e.args else e}") from None
+
+
+def split_examples(config: ml_collections.ConfigDict | None, name: str, split: str,
+                   max_examples: int | None = None, *, source: str | None = None) -> list:
+  """The Examples of one split of data set `name`: the tiny set (drawn in memory, seed
+  data.seed), a user's files (data.<split>_file, data.fields, data.on_error: bad rows are
+  counted and skipped with a warning) or a registered set (under `source`, else data.source).
+  Errors a user can fix are one-line ConfigErrors."""
+  d = C.data_config(config) if config is not None else C.DataConfig()
+  if name == "tiny":
+    seed = C.pipeline_config(config).seed if config is not None else 0
+    return arith.tiny_examples(split, max_examples, seed=seed)
+  try:
+    if name in sources.FILE_DATASETS:
+      key = sources.FILE_SPLITS.get(split)
+      if key is None:
+        raise C.ConfigError(f"data set {name!r} has the splits {', '.join(sources.FILE_SPLITS)}"
+                            f", not {split!r}")
+      path = getattr(d, key)
+      if not path:
+        raise C.ConfigError(f"data.dataset={name}: set --config.data.{key}=<file> for the "
+                            f"{split} split")
+      read = files.read_file(path, split=split, fields=d.fields, on_error=d.on_error,
+                             max_examples=max_examples, name=name)
+      if read.bad:
+        log.warning("%s", files.summarize_bad(read.bad, path))
+      if not read.examples:
+        raise C.ConfigError(f"{path}: no usable rows" + (
+            f" ({files.summarize_bad(read.bad, path)})" if read.bad else ""))
+      return read.examples
+    return sources.read_examples(name, split, source=source or d.source or None,
+                                 max_examples=max_examples)
   except KeyError as e:
     raise C.ConfigError(f"data: {e.args[0] if e.args else e}") from None
+  except R.DataError as e:
+    raise C.ConfigError(str(e)) from None
+
+
+def read_records(config: ml_collections.ConfigDict):
+  """(train records, dev records, dev examples) of the data set (data.*); a method that uses
+  rationales without data.rationales is a ConfigError unless data.cot_rule=none."""
+  d = C.data_config(config)
+  examples = split_examples(config, d.dataset, d.split, d.max_examples or None)
   rationales = {}
   if d.rationales:
     rationales = _rationales(d.rationales, examples)
@@ -143,17 +186,37 @@ def read_records(config: ml_collections.ConfigDict):
                           "--config.data.rationales=<JSONL of {id, rationale}> (python -m "
                           "cot2align_jax.generate_cot writes one), or "
                           "--config.data.cot_rule=none to train without CoT records")
-  template = sources.dataset_spec(d.dataset).template
+  template = data_template(config, d.dataset).name
   train_records = R.build_records(examples, rationales, cot_rule=d.cot_rule, template=template)
   dev_examples, dev_records = [], []
   if d.dev_split:
-    try:
-      dev_examples = sources.read_examples(d.dataset, d.dev_split, source=source,
-                                           max_examples=d.dev_max_examples or None)
-    except KeyError as e:
-      raise C.ConfigError(f"data.dev_split: {e.args[0] if e.args else e}") from None
+    dev_examples = split_examples(config, d.dataset, d.dev_split, d.dev_max_examples or None)
     dev_records = R.build_records(dev_examples, None, cot_rule="none", template=template)
   return train_records, dev_records, dev_examples
+
+
+def drop_long_prompts(records: Sequence[Any], toks: Sequence[Any], max_prompt: int,
+                      on_error: str, where: str) -> list:
+  """Own data: the records whose main-view prompt fits in `max_prompt` tokens of every
+  tokenizer; the others are counted and skipped (warning with the first ids) or, with
+  on_error="raise", a ConfigError naming the first."""
+  prompts = [r.prompt for r in records]
+  if not prompts:
+    return []
+  too_long = np.zeros(len(prompts), bool)
+  for tok in toks:
+    lengths = np.asarray([len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]])
+    too_long |= lengths > max_prompt
+  if not too_long.any():
+    return list(records)
+  ids = [records[i].example_id for i in np.flatnonzero(too_long)]
+  if on_error == "raise":
+    raise C.ConfigError(f"{where}: the prompt of {ids[0]!r} is longer than data.max_prompt="
+                        f"{max_prompt} tokens ({len(ids)} such records; data.on_error=skip "
+                        "skips them)")
+  log.warning("%s: skipped %d records whose prompt is longer than data.max_prompt=%d tokens "
+              "(first: %s)", where, len(ids), max_prompt, ", ".join(ids[:3]))
+  return [r for r, long_ in zip(records, too_long) if not long_]
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +314,12 @@ def build_problem(config: ml_collections.ConfigDict, needs_teacher: bool,
     teacher = hf.from_pretrained(teacher_spec.path,
                                  **_model_overrides(teacher_spec, teacher_tok))
   train_records, dev_records, dev_examples = read_records(config)
+  d = C.data_config(config)
+  if d.dataset in sources.FILE_DATASETS:
+    toks = (student_tok, teacher_tok)
+    max_prompt = C.pipeline_config(config).max_prompt
+    train_records = drop_long_prompts(train_records, toks, max_prompt, d.on_error, d.train_file)
+    dev_records = drop_long_prompts(dev_records, toks, max_prompt, d.on_error, d.dev_file)
   return Problem(student_tok, teacher_tok, student, teacher, train_records, dev_records,
                  dev_examples)
 

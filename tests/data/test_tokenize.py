@@ -1,4 +1,5 @@
-"""View tokenization on the real shared tokenizers (gpt2, qwen1.5, tinyllama)."""
+"""View tokenization on the real shared tokenizers (gpt2, qwen1.5, tinyllama), in "reference"
+mode (no BOS; the BOS of "convention" mode: test_special_tokens.py)."""
 
 import logging
 
@@ -9,6 +10,7 @@ from transformers import AutoTokenizer
 from cot2align_jax.data import tokenize as tk
 
 NAMES = ("gpt2", "qwen1.5", "tinyllama")
+REF = "reference"
 PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately "
           "completes the request.\n\n### Instruction:\nName a colour.\n\n### Response:\n")
 RESPONSE = "The sky is blue, and grass is green. Héllo 😀 wörld!"
@@ -27,7 +29,7 @@ def _encode(tok, text):
 @pytest.mark.parametrize("name", NAMES)
 def test_ids_masks_and_shift(toks, name):
   tok = toks[name]
-  tv = tk.tokenize_view(PROMPT, RESPONSE, tok)
+  tv = tk.tokenize_view(PROMPT, RESPONSE, tok, special_tokens=REF)
   n_prompt = len(_encode(tok, PROMPT))
   assert tv.ids.tolist() == _encode(tok, PROMPT + RESPONSE) + [tok.eos_token_id]
   assert tv.ids.dtype == np.int32 and tv.offsets.shape == (len(tv), 2)
@@ -42,7 +44,7 @@ def test_ids_masks_and_shift(toks, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_byte_spans(toks, name):
-  tv = tk.tokenize_view(PROMPT, RESPONSE, toks[name])
+  tv = tk.tokenize_view(PROMPT, RESPONSE, toks[name], special_tokens=REF)
   data = tv.text.encode("utf-8")
   assert tv.prompt_bytes == len(PROMPT.encode("utf-8"))
   assert tv.offsets[-1].tolist() == [len(data), len(data)]  # EOS: empty span at the end
@@ -63,10 +65,10 @@ def test_truncation_small_limits(toks, name):
   tok = toks[name]
   prompt = "one two three four five six seven eight nine ten eleven twelve\n"
   first8 = _encode(tok, prompt + "Ok")[:8]
-  tv = tk.tokenize_view(prompt, "Ok", tok, max_prompt=8, max_len=20)
+  tv = tk.tokenize_view(prompt, "Ok", tok, max_prompt=8, max_len=20, special_tokens=REF)
   assert tv.ids[:8].tolist() == first8 and int((tv.response_mask == 0).sum()) == 8
   assert tv.ids[-1] == tok.eos_token_id and tv.response_mask[8:].all()
-  long = tk.tokenize_view(prompt, "word " * 50, tok, max_prompt=8, max_len=20)
+  long = tk.tokenize_view(prompt, "word " * 50, tok, max_prompt=8, max_len=20, special_tokens=REF)
   assert len(long) == 20 and long.ids[-1] != tok.eos_token_id  # EOS cut by max_len
   assert long.model_arrays()["input_ids"].shape == (19,)
 
@@ -74,7 +76,7 @@ def test_truncation_small_limits(toks, name):
 def test_real_limits_long_prompt(toks):
   tok = toks["qwen1.5"]
   prompt = " ".join(f"w{i}" for i in range(1500)) + "\n### Response:\n"
-  tv = tk.tokenize_view(prompt, "answer " * 600, tok)
+  tv = tk.tokenize_view(prompt, "answer " * 600, tok, special_tokens=REF)
   assert int((tv.response_mask == 0).sum()) == 256 and len(tv) == 512
   assert tv.ids[:256].tolist() == _encode(tok, prompt)[:256]
 
@@ -82,18 +84,18 @@ def test_real_limits_long_prompt(toks):
 @pytest.mark.parametrize("name", NAMES)
 def test_empty_response_is_eos_only(toks, name):
   tok = toks[name]
-  tv = tk.tokenize_view(PROMPT, "", tok)
+  tv = tk.tokenize_view(PROMPT, "", tok, special_tokens=REF)
   assert tv.ids.tolist() == _encode(tok, PROMPT) + [tok.eos_token_id]
   assert tv.response_mask.sum() == 1 and tv.response_mask[-1] == 1
   arr = tv.model_arrays()
   assert arr["loss_mask"].sum() == 1 and arr["labels"][-1] == tok.eos_token_id
-  empty = tk.tokenize_view("", "", tok)
+  empty = tk.tokenize_view("", "", tok, special_tokens=REF)
   assert empty.ids.tolist() == [tok.eos_token_id] and empty.model_arrays()["labels"].shape == (0,)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_lone_surrogates_replaced(toks, name):
-  tv = tk.tokenize_view("Say\ud800 it:\n", "fine \udfff.", toks[name])
+  tv = tk.tokenize_view("Say\ud800 it:\n", "fine \udfff.", toks[name], special_tokens=REF)
   assert tv.text == "Say\ufffd it:\nfine \ufffd."
   assert tv.offsets[-1, 0] == len(tv.text.encode("utf-8"))
   assert tk.clean_text("\ud83d\ude00") == "😀"  # a valid surrogate pair is joined

@@ -194,7 +194,7 @@ def test_cli_one_line_errors(cli, tmp_path, capsys):
   assert cli("evaluate", f"--workdir={tmp_path}", "--dataset=nope") == 2
   assert capsys.readouterr().err.strip() == (
       "error: unknown dataset 'nope'; known: dolly, self-inst, vicuna, sinst, uinst, alpaca, "
-      "dialogsum, sni_selfinstruct, gsm8k, arith, tiny")
+      "dialogsum, sni_selfinstruct, gsm8k, arith, tiny, file, jsonl")
   assert cli("evaluate", f"--workdir={tmp_path}", "--seeds=a,b") == 2
   assert "--seeds must be comma-separated integers" in capsys.readouterr().err
   assert cli("generate_cot", "--dataset=dolly") == 2

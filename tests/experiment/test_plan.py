@@ -35,6 +35,9 @@ def test_budget_protocols_step_counts(tmp_path):
   ep, cp = units["cot/epochs/seed1"].overrides, units["cot/compute/seed1"].overrides
   assert (ep["train.epochs"], ep["train.steps"]) == (3, 0)
   assert (cp["train.epochs"], cp["train.steps"]) == (0, 6)
+  # plain's compute unit is the same training as its epochs unit (6 steps both): reused
+  assert units["plain/compute/seed1"].same_as == "plain/epochs/seed1"
+  assert units["cot/compute/seed1"].same_as == "" and units["cot/epochs/seed1"].same_as == ""
   assert ep["train.seed"] == 1 and "data.seed" not in ep          # spec.seed_keys
   assert ep["data.rationales"] == str(tmp_path.resolve() / "prepare" / "cot.jsonl")
   assert json.loads((tmp_path / "prepare" / runner.PREPARED).read_text())["seconds"] >= 0

@@ -1,6 +1,8 @@
 """Methods compared at one seed start from the same student: the initial weights depend on
 train.seed only, not on the method, its projectors or its teacher."""
 
+import json
+
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -37,3 +39,25 @@ def test_student_init_depends_on_the_seed_only(tmp_path):
   for k in sft0:
     np.testing.assert_array_equal(sft0[k], kd0[k], err_msg=k)
   assert any(not np.array_equal(sft0[k], sft1[k]) for k in sft0)
+
+
+@pytest.mark.slow
+def test_epochs_and_the_same_steps_train_identically(tmp_path):
+  # what lets the runner reuse an epochs unit for a compute unit of equal step count
+  # (plan.Unit.same_as): 3 epochs, then train.steps = the steps those took.
+  base = {**FROZEN, "optim.lr": 1e-2, "data.batch_size": 4, "data.drop_remainder": True,
+          "train.log_every": 1}
+  runs, steps = {}, None
+  for name in ("epochs", "steps"):
+    budget = ({"train.epochs": 3, "train.steps": 0} if name == "epochs" else
+              {"train.epochs": 0, "train.steps": steps})
+    summary = loop.train(C.load_config(TINY, "sft", {**base, **budget}), tmp_path / name)
+    steps = summary["step"]
+    files = sorted((tmp_path / name / loop.EXPORT_DIR).glob("*.safetensors"))
+    rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    runs[name] = ({k: v for f in files for k, v in load_file(str(f)).items()},
+                  [(r["step"], r["loss"]) for r in rows if r["split"] == "train"])
+  assert steps >= 6 and len(runs["epochs"][1]) == steps
+  assert runs["epochs"][1] == runs["steps"][1]
+  for k in runs["epochs"][0]:
+    np.testing.assert_array_equal(runs["epochs"][0][k], runs["steps"][0][k], err_msg=k)

@@ -95,6 +95,11 @@ def test_budgets_ran_the_planned_steps(sweep):
       "plain/epochs": 16, "cot/epochs": 32, "plain/compute": 16, "cot/compute": 16}
   assert all(v["steps_match_plan"] for v in steps.values())
   assert steps["cot/compute"]["sequences"] == steps["plain/epochs"]["sequences"] == 64
+  # plain/compute is the same training as plain/epochs: its result is reused, not retrained
+  assert steps["plain/compute"]["same_as"] == "plain/epochs/seed0"
+  assert steps["plain/compute"]["scores"] == steps["plain/epochs"]["scores"]
+  assert not (runs / "plain" / "compute" / "seed0" / P.TRAIN_DIR).exists()
+  assert "same_as" not in steps["cot/compute"]
   cols = set(steps["cot/epochs"]["scores"])
   assert cols == {"tiny/test:plain", "tiny/test:cot"}
   for v in steps.values():
