@@ -30,7 +30,7 @@ from typing import Any, Iterator, Literal, Mapping, NamedTuple, Sequence
 import pyarrow.ipc
 import pyarrow.parquet
 
-from cot2align_jax.data.records import DataError, Example
+from cot2align_jax.data.records import DataError, Example, transcript
 
 OnError = Literal["raise", "skip"]
 FORMATS = (".jsonl", ".json", ".parquet", ".csv")
@@ -38,7 +38,6 @@ KINDS = {"alpaca": ("instruction", "input", "output"),
          "prompt_response": ("prompt", "response"),
          "messages": ("messages",)}
 ROLES = ("system", "user", "assistant")
-TRANSCRIPT_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,12 +196,6 @@ def _nonempty(text: str, where: str, what: str) -> str:
   if not text.strip():
     raise DataError(f"{where}: empty {what}")
   return text
-
-
-def transcript(turns: Sequence[tuple[str, str]]) -> str:
-  """Earlier turns as plain text ("User: ...\n\nAssistant: ..."), the Alpaca input of a
-  chat example."""
-  return "\n\n".join(f"{TRANSCRIPT_NAMES[r]}: {c}" for r, c in turns)
 
 
 def _turns(row: Mapping[str, Any], column: str, where: str) -> list[tuple[str, str]]:

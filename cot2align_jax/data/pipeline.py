@@ -180,8 +180,11 @@ def available_alignments() -> tuple[str, ...]:
 
 def _label_spans(view: TokenizedView, table: Any) -> np.ndarray:
   """[n - 1, 2] byte spans of the label tokens ids[1:] (alignment.spans.byte_spans: overlapping
-  spans of a split multi-byte character resolved; (-1, -1) for tokens without text, e.g. EOS)."""
-  return spans.byte_spans(view.text, view.ids, view.offsets, table, unit="byte")[1:]
+  spans of a split multi-byte character resolved; (-1, -1) for tokens without text, e.g. EOS),
+  counted from the response's first byte: the two sides' prompts may differ (chat templates)
+  while their responses are the same text."""
+  out = spans.byte_spans(view.text, view.ids, view.offsets, table, unit="byte")[1:]
+  return np.where(out >= 0, out - view.prompt_bytes, out)
 
 
 def _eta(student: TokenizedView, teacher: TokenizedView, tables: dict[str, Any],

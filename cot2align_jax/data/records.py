@@ -105,6 +105,72 @@ def cot_response(rationale: str, answer: str) -> str:
   return rationale + COT_ANSWER_JOINER + answer
 
 
+# --------------------------------------------------------------------------------------------
+# The "chat" template: each tokenizer renders the prompt with its own chat template
+# --------------------------------------------------------------------------------------------
+
+CHAT_COT_CUE = "Let's think step by step.\n"   # the CoT view's assistant turn starts with it
+CHAT_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def transcript(turns: Iterable[tuple[str, str]]) -> str:
+  """Turns as plain text: "User: ...\n\nAssistant: ..." (role names of CHAT_ROLE_NAMES)."""
+  return "\n\n".join(f"{CHAT_ROLE_NAMES[r]}: {c}" for r, c in turns)
+
+
+class ChatPrompt(str):
+  """A prompt that each tokenizer renders with its own chat template when it tokenizes it
+  (`render_prompt`): the teacher's view gets the teacher's template, the student's the
+  student's. As a str it is the turns' transcript (logs, generation files). `.turns`: the
+  (role, content) turns before the answer; `.cot`: the assistant turn starts with
+  CHAT_COT_CUE, the reasoning follows in the response."""
+
+  turns: tuple[tuple[str, str], ...]
+  cot: bool
+
+  def __new__(cls, turns: Iterable[tuple[str, str]], cot: bool = False):
+    turns = tuple((str(r), str(c)) for r, c in turns)
+    obj = super().__new__(cls, transcript(turns) + "\n\nAssistant:" +
+                          (" " + CHAT_COT_CUE if cot else ""))
+    obj.turns, obj.cot = turns, bool(cot)
+    return obj
+
+  def __reduce__(self):
+    return (ChatPrompt, (self.turns, self.cot))
+
+
+def render_prompt(prompt: str, tokenizer) -> str:
+  """The text a tokenizer sees for `prompt`: a ChatPrompt rendered by the tokenizer's chat
+  template (with the generation prompt, then the CoT cue for a CoT view); any other str as is.
+  DataError (one line) when the tokenizer has no chat template."""
+  if not isinstance(prompt, ChatPrompt):
+    return prompt
+  if not getattr(tokenizer, "chat_template", None):
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    raise DataError(f"tokenizer {name} has no chat template; data.template=chat needs one on "
+                    "both sides (use data.template=alpaca)")
+  text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in prompt.turns],
+                                       add_generation_prompt=True, tokenize=False)
+  return text + (CHAT_COT_CUE if prompt.cot else "")
+
+
+def chat_turns(example: Example) -> tuple[tuple[str, str], ...]:
+  """The turns before the answer: a chat row's own, else one user turn (instruction, then the
+  input after a blank line when there is one)."""
+  if example.messages:
+    return tuple(example.messages)
+  text = example.instruction + (f"\n\n{example.input}" if has_input(example) else "")
+  return (("user", text),)
+
+
+def chat_plain_prompt(example: Example) -> ChatPrompt:
+  return ChatPrompt(chat_turns(example))
+
+
+def chat_cot_prompt(example: Example) -> ChatPrompt:
+  return ChatPrompt(chat_turns(example), cot=True)
+
+
 def qa_plain_prompt(example: Example) -> str:
   """The "qa" template's plain prompt: "Q: <input>\\nA:"."""
   return QA_PLAIN_TEMPLATE.format(input=example.input)
@@ -132,11 +198,12 @@ class Template:
 TEMPLATES: dict[str, Template] = {
     "alpaca": Template("alpaca", plain_prompt, cot_prompt),
     "qa": Template("qa", qa_plain_prompt, qa_cot_prompt, response_prefix=" "),
+    "chat": Template("chat", chat_plain_prompt, chat_cot_prompt),
 }
 
 
 def get_template(name: str | Template) -> Template:
-  """A Template by name ("alpaca", "qa"); ValueError naming the known ones."""
+  """A Template by name ("alpaca", "qa", "chat"); ValueError naming the known ones."""
   if isinstance(name, Template):
     return name
   if name not in TEMPLATES:

@@ -5,7 +5,10 @@ Rules (docs/method.md §2): BOS per `special_tokens` (below); the prompt keeps i
 sequence (BOS included) keeps its first `max_len` tokens. No other special token is added.
 Inputs are ids[:-1], labels ids[1:], and only response labels (the EOS included) are valid.
 Prompt + response are tokenized jointly and split at the prompt's end by character offsets (a
-token that starts inside the prompt belongs to the prompt).
+token that starts inside the prompt belongs to the prompt). A records.ChatPrompt is first
+rendered by this tokenizer's own chat template (data.template=chat), so the two sides' prompts
+may differ while the response text is the same; a prompt that already starts with the BOS
+text gets no second BOS.
 
 special_tokens (`SPECIAL_TOKENS`, the config key data.special_tokens):
   "convention"  BOS first iff the tokenizer itself puts its BOS first when called with
@@ -27,6 +30,8 @@ import logging
 import weakref
 
 import numpy as np
+
+from cot2align_jax.data.records import render_prompt
 
 _log = logging.getLogger(__name__)
 _WARNED_NO_PAD: set[str] = set()
@@ -150,6 +155,13 @@ def bos_ids(tok, special_tokens: str = "convention") -> list[int]:
   return []
 
 
+def starts_with_bos(text: str, tok) -> bool:
+  """Whether `text` already starts with the tokenizer's BOS token as text (chat templates that
+  write it themselves): then no second BOS is put before it."""
+  bos = getattr(tok, "bos_token", None)
+  return bool(bos) and isinstance(bos, str) and text.startswith(bos)
+
+
 def _char_to_byte(text: str) -> np.ndarray:
   """[len(text) + 1] int64: the UTF-8 byte offset of each character index of `text`."""
   cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
@@ -182,7 +194,8 @@ def tokenize_view(prompt: str, response: str, tok, *, max_prompt: int = 256,
   """
   if max_prompt < 0 or max_len < 2:
     raise ValueError(f"need max_prompt >= 0 and max_len >= 2, got {max_prompt}, {max_len}")
-  bos = np.asarray(bos_ids(tok, special_tokens), np.int32)
+  prompt = render_prompt(prompt, tok)         # a ChatPrompt: this tokenizer's chat template
+  bos = np.asarray([] if starts_with_bos(prompt, tok) else bos_ids(tok, special_tokens), np.int32)
   prompt, response = clean_text(prompt), clean_text(response)
   text = prompt + response
   ids, offs = _encode(text, tok) if text else (np.zeros((0,), np.int32), np.zeros((0, 2), np.int64))

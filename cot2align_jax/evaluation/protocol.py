@@ -40,9 +40,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from cot2align_jax.data.records import Example, plain_prompt
+from cot2align_jax.data.records import Example, plain_prompt, render_prompt
 from cot2align_jax.data.sources import DATASETS
-from cot2align_jax.data.tokenize import bos_ids, check_special_tokens
+from cot2align_jax.data.tokenize import bos_ids, check_special_tokens, starts_with_bos
 from cot2align_jax.evaluation import gsm8k as gsm8k_metric
 from cot2align_jax.evaluation.rouge import rouge_l
 from cot2align_jax.models import generation as G
@@ -176,13 +176,14 @@ class TextGenerator:
     """Prompt ids (no special tokens added by the tokenizer), truncated to max_prompt_length per
     `truncate_side`, then the BOS (`self.bos`, [] or one id) put first: ≤ max_prompt_length + 1
     ids."""
+    prompt = render_prompt(prompt, self.tokenizer)     # a ChatPrompt: the model's template
     ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     n = self.settings.max_prompt_length
     if len(ids) > n:
       ids = ids[-n:] if self.settings.truncate_side == "left" else ids[:n]
     if not ids:
       raise ValueError(f"prompt {prompt[:40]!r} has no tokens")
-    return list(self.bos) + ids
+    return ([] if starts_with_bos(prompt, self.tokenizer) else list(self.bos)) + ids
 
   def pad_batch(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded ids, mask [batch_size, width] (short batches filled with the last row)."""

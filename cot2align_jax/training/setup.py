@@ -205,7 +205,8 @@ def drop_long_prompts(records: Sequence[Any], toks: Sequence[Any], max_prompt: i
     return []
   too_long = np.zeros(len(prompts), bool)
   for tok in toks:
-    lengths = np.asarray([len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]])
+    rendered = [R.render_prompt(p, tok) for p in prompts]     # chat prompts: each side's own
+    lengths = np.asarray([len(ids) for ids in tok(rendered, add_special_tokens=False)["input_ids"]])
     too_long |= lengths > max_prompt
   if not too_long.any():
     return list(records)

@@ -92,7 +92,7 @@ def test_qa_template_records():
   alpaca = records.build_records([ex], cot_rule="none")[0]
   assert alpaca.prompt.startswith("Below is an instruction") and alpaca.response == "5"
   with pytest.raises(ValueError, match="unknown prompt template"):
-    records.build_records([ex], template="chat")
+    records.build_records([ex], template="html")
 
 
 def test_tokenizers_differ_and_round_trip(tmp_path):
