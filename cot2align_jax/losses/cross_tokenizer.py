@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from cot2align_jax.core.numerics import F32, log_probs, masked_sum
 from cot2align_jax.losses import divergences as dv
+from cot2align_jax.losses import vocab_chunk as vc
 
 NEG_LOGIT = -1.0e5          # "impossible" logit of the MinED reference and the attention mask
 
@@ -30,7 +31,8 @@ class KDSide(NamedTuple):
   logits [B, L, V] float; hidden [B, L, D] final normed states (ModelOutput.hidden_states[-1]);
   input_ids, labels, mask [B, L] int (mask = loss_mask, the response tokens);
   embed [V, D] the token embedding table (DSKD-CMA only); head [D, V] the LM head
-  (Transformer.output_matrix()).
+  (Transformer.output_matrix()); lm: its softcap / valid rows (vocab_chunk.HeadSpec), for the
+  chunked losses, where logits is None.
   """
 
   logits: jax.Array
@@ -40,6 +42,16 @@ class KDSide(NamedTuple):
   mask: jax.Array
   embed: jax.Array | None
   head: jax.Array
+  lm: vc.HeadSpec | None = None
+
+  def lg(self) -> vc.Logits:
+    """This side's logits as a vocab_chunk.Logits (hidden · head, never materialised)."""
+    return vc.side_logits(self.hidden, self.head, self.lm)
+
+  @property
+  def valid(self) -> int | None:
+    """Ids at or past this are −inf logits (padded vocabulary), None = all rows."""
+    return None if self.lm is None else self.lm.valid
 
 
 def token_div(name: str, student_logits: jax.Array, teacher_logits: jax.Array,
@@ -127,3 +139,30 @@ def t2s_terms(t2s_logits: jax.Array, student: KDSide, mask: jax.Array, *, diverg
   acc, _ = masked_sum(agree.astype(F32), mask)
   return {"t2s_ce": ce_sum, "t2s_kd": kd_sum, "t2s_kd_count": kd_count, "t2s_acc": acc,
           "count": count}
+
+
+def t2s_terms_chunked(t2s: vc.Logits, student: KDSide, mask: jax.Array, *, chunk: int,
+                      divergence: str, temperature: float, div_params: dict,
+                      agreement_mask: bool) -> dict:
+  """t2s_terms with the t2s logits (t2s: projected hidden states and sg(W_S), the student's
+  −inf rows) and the student's logits computed in vocabulary chunks of at most `chunk`."""
+  ce, argmax = vc.cross_entropy(t2s, student.labels, chunk, with_argmax=True)
+  ce_sum, count = masked_sum(ce, mask)
+  agree = argmax == student.labels
+  kd_mask = as_bool(mask) & agree if agreement_mask else as_bool(mask)
+  kd = vc.divergence(divergence, student.lg(), t2s, temperature=temperature, chunk=chunk,
+                     **div_params)
+  kd_sum, kd_count = masked_sum(kd, kd_mask)
+  acc, _ = masked_sum(agree.astype(F32), mask)
+  return {"t2s_ce": ce_sum, "t2s_kd": kd_sum, "t2s_kd_count": kd_count, "t2s_acc": acc,
+          "count": count}
+
+
+def t2s_head(hidden: jax.Array, student: KDSide) -> vc.Logits:
+  """t2s logits hidden [B, L, dS] · sg(W_S) with the student's −inf rows, as a Logits."""
+  return vc.projected_logits(hidden, sg(student.head), student.valid)
+
+
+def s2t_head(hidden: jax.Array, teacher: KDSide) -> vc.Logits:
+  """s2t logits hidden [B, L, dT] · sg(W_T) with the teacher's −inf rows, as a Logits."""
+  return vc.projected_logits(hidden, sg(teacher.head), teacher.valid)

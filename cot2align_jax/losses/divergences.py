@@ -17,7 +17,7 @@ jit). Details and the reasoning behind each convention: docs/losses.md.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +139,73 @@ def gjsd(student_logprobs: jax.Array, teacher_logprobs: jax.Array, *, beta: floa
   if normalize:
     value = value / (beta * (1.0 - beta))
   return value
+
+
+class Columns(NamedTuple):
+  """A divergence as sums over the vocabulary, for the chunked losses (losses/vocab_chunk.py).
+
+  parts(lq, lp) -> n_parts arrays [..., C] (any chunk of columns of the float32 log-probs) whose
+  sums over all V columns, combined by combine(sums) -> [...], give the divergence.
+  """
+  parts: Callable[[jax.Array, jax.Array], tuple[jax.Array, ...]]
+  n_parts: int
+  combine: Callable[[tuple[jax.Array, ...]], jax.Array]
+
+
+def _kl_cols(la: jax.Array, lb: jax.Array) -> jax.Array:
+  """The columns a_v (la_v − lb_v) of _kl (clamped log-probabilities)."""
+  return jnp.exp(la) * (la - lb)
+
+
+def divergence_columns(name: str, **params) -> Columns:
+  """The `Columns` of divergence `name` (the same formulas as the functions above, summed per
+  part). "fkl_rkl" gives (FKL, RKL) as two parts, for AKL (whose head/tail weights need the
+  whole distribution, see vocab_chunk.akl_weights)."""
+  first = lambda s: s[0]                                                    # noqa: E731
+  if name == "fkl":
+    return Columns(lambda lq, lp: (_kl_cols(_clamp(lp), _clamp(lq)),), 1, first)
+  if name == "rkl":
+    return Columns(lambda lq, lp: (_kl_cols(_clamp(lq), _clamp(lp)),), 1, first)
+  if name == "fkl_rkl":
+    return Columns(lambda lq, lp: (_kl_cols(_clamp(lp), _clamp(lq)),
+                                   _kl_cols(_clamp(lq), _clamp(lp))), 2, tuple)
+  if name == "tvd":
+    return Columns(lambda lq, lp: (jnp.abs(jnp.exp(lp) - jnp.exp(lq)),), 1,
+                   lambda s: 0.5 * s[0])
+  if name in ("skl", "srkl"):
+    lam = float(params.get("lam", 0.1))
+    if name == "skl":
+      def parts(lq, lp):
+        lq, lp = _clamp(lq), _clamp(lp)
+        return (_kl_cols(lp, _log_mix(lp, lq, lam)),)
+    else:
+      def parts(lq, lp):
+        lq, lp = _clamp(lq), _clamp(lp)
+        return (_kl_cols(lq, _log_mix(lp, lq, 1.0 - lam)),)
+    return Columns(parts, 1, first)
+  if name in ("js", "gjsd"):
+    beta = 0.5 if name == "js" else float(params.get("beta", 0.5))
+    normalize = name == "gjsd" and bool(params.get("normalize", False))
+    if not 0.0 <= beta <= 1.0:
+      raise ValueError(f"gjsd beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+      return divergence_columns("fkl")
+    if beta == 1.0:
+      return divergence_columns("rkl")
+
+    def mix_parts(lq, lp):
+      lq, lp = _clamp(lq), _clamp(lp)
+      lm = _log_mix(lp, lq, beta)
+      return _kl_cols(lp, lm), _kl_cols(lq, lm)
+
+    def combine(s):
+      value = beta * s[0] + (1.0 - beta) * s[1]
+      return value / (beta * (1.0 - beta)) if normalize else value
+    return Columns(mix_parts, 2, combine)
+  if name == "akl":
+    raise ValueError("akl is not a sum over columns; use 'fkl_rkl' and vocab_chunk.akl_weights")
+  get_divergence(name)
+  raise ValueError(f"divergence {name!r} has no column form")
 
 
 DIVERGENCES: dict[str, Callable[..., jax.Array]] = {

@@ -487,6 +487,17 @@ def _check_architecture(h: GGUFHeader) -> None:
                      f"{', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
+def read_gguf_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
+  """The config.json dict of a known GGUF model name or file, from its header alone (no tensor
+  data is read): what `read_gguf` returns first, for shape-only uses (the memory planner)."""
+  h = read_gguf_header(_resolve(name_or_path))
+  _check_architecture(h)
+  if "token_embd.weight" not in h.tensors:
+    raise ModelError(f"{h.path}: no token_embd.weight tensor")
+  vocab_size = h.tensors["token_embd.weight"].shape[0]
+  return (_llama_config if h.architecture == "llama" else _gemma3_config)(h, vocab_size)
+
+
 def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """`(hf_config, tensors)` of a llama or gemma3 GGUF file.
 

@@ -30,7 +30,7 @@ import ml_collections
 
 from cot2align_jax.data.pipeline import PipelineConfig
 from cot2align_jax.losses import divergences as dv
-from cot2align_jax.losses.methods import METHODS, KDConfig, Method, get_method
+from cot2align_jax.losses.methods import METHODS, KDConfig, Method, method_from_config
 from cot2align_jax.losses.ot import OTConfig
 from cot2align_jax.training.checkpoint import CheckpointConfig
 from cot2align_jax.training.state import OptimConfig
@@ -465,7 +465,7 @@ def kd_config(cfg: ml_collections.ConfigDict) -> KDConfig:
 def method_of(kd: KDConfig) -> Method:
   """The registered method of a KD config (its alignment, vocab map, forwards...)."""
   try:
-    return get_method(kd.method, kd.base)
+    return method_from_config(kd)
   except ValueError as e:
     raise ConfigError(f"kd.method: {e}") from None
 

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import ml_collections
 import numpy as np
@@ -29,7 +29,7 @@ from cot2align_jax.data import arith, files, sources
 from cot2align_jax.data import records as R
 from cot2align_jax.data.pipeline import Pipeline, PipelineConfig
 from cot2align_jax.losses.methods import METHODS, KDConfig, Method
-from cot2align_jax.models import hf
+from cot2align_jax.models import gguf, hf
 from cot2align_jax.models.config import ModelConfig, ModelError
 from cot2align_jax.models.toy import tiny_student_config, tiny_teacher_config
 from cot2align_jax.training import config as C
@@ -76,6 +76,45 @@ def _load_hf_model(spec_: C.ModelSpec, tokenizer, seed: int):
     raw = json.loads((Path(directory) / "config.json").read_text())
     return hf.create_model(hf.config_from_hf(raw, **overrides), seed=seed)
   return hf.from_pretrained(spec_.path, seed=seed, **overrides)
+
+
+def hf_config_json(path: str, table: Mapping[str, Mapping[str, Any]] | None = None
+                   ) -> dict[str, Any]:
+  """The config.json dict of a model path without reading any weights: a `gguf:<name>` or
+  `.gguf` file (its header), a local checkpoint directory (its config.json), or a name found in
+  `table` ({Hub id: config.json dict}, for planning offline). ModelError (one line) otherwise."""
+  if path.startswith(hf.GGUF_PREFIX):
+    return gguf.read_gguf_config(path[len(hf.GGUF_PREFIX):])
+  if path.endswith(".gguf"):
+    if not Path(path).expanduser().is_file():
+      raise ModelError(f"checkpoint not found: {path} does not exist")
+    return gguf.read_gguf_config(Path(path).expanduser())
+  p = Path(path).expanduser()
+  if (p / "config.json").is_file():
+    return json.loads((p / "config.json").read_text())
+  if table is not None and path in table:
+    return dict(table[path])
+  known = f"; known without files: {', '.join(sorted(table))}" if table else ""
+  raise ModelError(f"no config.json for {path!r}: not a local checkpoint directory or GGUF "
+                   f"model{known}")
+
+
+def abstract_model_config(config: ml_collections.ConfigDict, side: str,
+                          table: Mapping[str, Mapping[str, Any]] | None = None) -> ModelConfig:
+  """The ModelConfig of `side` ("student" / "teacher") as training would build it (dtypes,
+  remat, LoRA, valid_vocab_size > 0 applied), from config.json alone (`hf_config_json`) or the
+  tiny spec; nothing is loaded. valid_vocab_size = -1 (the tokenizer's length) is left out: it
+  masks logits and changes no shape."""
+  spec_ = C.model_spec(config, side)
+  if spec_.tiny:
+    tiny = tiny_models(config)
+    base = tiny.student_cfg if side == "student" else tiny.teacher_cfg
+  else:
+    if not spec_.path:
+      raise C.ConfigError(f"{side}.path is empty: set --config.{side}.path=<HF dir | org/name | "
+                          f"gguf:name> (or {side}.tiny for the tiny problem)")
+    base = hf.config_from_hf(hf_config_json(spec_.path, table))
+  return base.replace(**_model_overrides(spec_, None))
 
 
 def check_paths(student: C.ModelSpec, teacher: C.ModelSpec, needs_teacher: bool) -> None:

@@ -212,3 +212,31 @@ def init_state(student_model: nnx.Module, projectors: nnx.Module | None, opt_cfg
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, proj=proj,
                      opt_state=opt_state, rng=jax.random.key_data(jax.random.key(seed)))
   return state, (student_gd, proj_gd)
+
+
+def abstract_state(make_student, make_projectors, opt_cfg: OptimConfig, seed: int = 0, *,
+                   optimizer: optax.GradientTransformation | None = None):
+  """(abstract TrainState, (student_graphdef, proj_graphdef)) without allocating any array:
+  the state `init_state` would build, every leaf a jax.ShapeDtypeStruct (nnx metadata such as
+  the logical axes kept), for planning memory and lowering the step ahead of time.
+
+  make_student / make_projectors: zero-argument callables building the modules (the
+  projectors' may be None); they run under nnx.eval_shape, so no parameter is initialised.
+  """
+  student = nnx.eval_shape(make_student)
+  projectors = nnx.eval_shape(make_projectors) if make_projectors is not None else None
+  student_gd, params = split_params(student)
+  proj_gd, proj = split_params(projectors)
+  tx = optimizer or make_optimizer(opt_cfg, params, proj)
+
+  def arrays(params, proj):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, proj=proj,
+                      opt_state=tx.init({"student": params, "proj": proj}),
+                      rng=jax.random.key_data(jax.random.key(seed)))
+  return jax.eval_shape(arrays, params, proj), (student_gd, proj_gd)
+
+
+def abstract_params(make_module):
+  """(graphdef, nnx.State of ShapeDtypeStruct Params) of a module built by `make_module` under
+  nnx.eval_shape (e.g. the frozen teacher), nothing allocated."""
+  return split_params(nnx.eval_shape(make_module))

@@ -34,6 +34,7 @@ from cot2align_jax.core import spec
 from cot2align_jax.core.numerics import F32
 from cot2align_jax.losses.methods import KDConfig, LossInputs, Method, objective, ot_config
 from cot2align_jax.losses.ot_layers import hidden_states_request
+from cot2align_jax.losses.vocab_chunk import head_spec
 from cot2align_jax.models.transformer import ModelOutput
 from cot2align_jax.training import mesh as mesh_lib
 from cot2align_jax.training.state import TrainState
@@ -69,6 +70,9 @@ def make_forward(student_graphdef, teacher_graphdef, proj_graphdef, method: Meth
   forwards and the objective of one (micro-)batch, differentiable w.r.t. `trainable`."""
   need_s_pair, need_t_pair = pair_views_needed(method, kd_cfg)
   states = hidden_states_needed(method, kd_cfg)
+  # kd.vocab_chunk > 0: the losses compute logits chunk by chunk from the final hidden states
+  # and the LM heads, so the main forwards skip the LM head
+  main_logits = "none" if kd_cfg.vocab_chunk > 0 else "all"
   vmap_arr = None if vocab_map is None else jnp.asarray(vocab_map, jnp.int32)
 
   def pair_forwards(params, tparams, batch):
@@ -87,17 +91,20 @@ def make_forward(student_graphdef, teacher_graphdef, proj_graphdef, method: Meth
     params, proj = trainable["student"], trainable["proj"]
     student = nnx.merge(student_graphdef, params)
     projectors = nnx.merge(proj_graphdef, proj) if proj_graphdef is not None else None
-    s_main = student(*_ids(batch, "main", "student"), hidden_states=states)
+    s_main = student(*_ids(batch, "main", "student"), hidden_states=states,
+                     logits=main_logits)
     s_out: dict[str, Any] = {"main": s_main, "pair": None}
     t_out: dict[str, Any] = {"main": None, "pair": None}
-    teacher_embed = teacher_head = None
+    teacher_embed = teacher_head = teacher_lm = None
     tparams = None
     if method.needs_teacher:
       tparams = jax.lax.stop_gradient(teacher_params)
       teacher = nnx.merge(teacher_graphdef, tparams)
-      t_main = teacher(*_ids(batch, "main", "teacher"), hidden_states=states)
+      t_main = teacher(*_ids(batch, "main", "teacher"), hidden_states=states,
+                       logits=main_logits)
       t_out["main"] = jax.lax.stop_gradient(t_main)
       teacher_embed, teacher_head = teacher.embed[...], teacher.output_matrix()
+      teacher_lm = head_spec(teacher.config)
     if need_s_pair or need_t_pair:
       operands = (params, tparams, batch)
       if pair_saving:
@@ -114,7 +121,8 @@ def make_forward(student_graphdef, teacher_graphdef, proj_graphdef, method: Meth
                         student_embed=jax.lax.stop_gradient(student.embed[...]),
                         student_head=student.output_matrix(),
                         teacher_embed=teacher_embed, teacher_head=teacher_head,
-                        vocab_map=vmap_arr)
+                        vocab_map=vmap_arr, student_lm=head_spec(student.config),
+                        teacher_lm=teacher_lm)
     return objective(method, kd_cfg, inputs, projectors)
 
   return loss_fn

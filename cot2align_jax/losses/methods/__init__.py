@@ -14,8 +14,8 @@ import importlib
 
 from cot2align_jax.losses.methods.base import (DEFAULT_BASE, KDConfig, LossInputs, Method,
                                                MethodProjectors, build_projectors,
-                                               cross_entropy_sum, objective, ot_config,
-                                               params_of, side)
+                                               check_vocab_chunk, cross_entropy_sum, objective,
+                                               ot_config, params_of, side)
 from cot2align_jax.losses.methods.base import lookup, registry
 
 # The registry: one line per method, the name of its module in this package (which declares
@@ -45,9 +45,12 @@ def get_method(name: str, base: str | None = None) -> Method:
 
 
 def method_from_config(cfg: KDConfig) -> Method:
-  return get_method(cfg.method, cfg.base)
+  """The method of cfg (kd.method, kd.base); ValueError if it cannot run with cfg.vocab_chunk."""
+  method = get_method(cfg.method, cfg.base)
+  check_vocab_chunk(method, cfg)
+  return method
 
 
 __all__ = ["DEFAULT_BASE", "KDConfig", "LossInputs", "METHODS", "Method", "MethodProjectors",
-           "build_projectors", "cross_entropy_sum", "get_method", "method_from_config",
-           "objective", "ot_config", "params_of", "side"]
+           "build_projectors", "check_vocab_chunk", "cross_entropy_sum", "get_method",
+           "method_from_config", "objective", "ot_config", "params_of", "side"]

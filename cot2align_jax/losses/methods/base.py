@@ -18,6 +18,7 @@ from flax import nnx
 
 from cot2align_jax.core import spec
 from cot2align_jax.core.numerics import F32, log_probs, masked_sum
+from cot2align_jax.losses import vocab_chunk as vc
 from cot2align_jax.losses.cross_tokenizer import KDSide
 from cot2align_jax.losses.ot import OTConfig, ot_view_terms
 from cot2align_jax.losses.ot_layers import ot_projectors, select_states
@@ -33,7 +34,9 @@ class KDConfig:
   method: a name in METHODS. base: the base KD term of a composing method (cot2align).
   kd_rate: λ. temperature: τ. divergence / divergence_params: D of the KD terms (e.g.
   ("srkl", (("lam", 0.1),))). ot: the OT block. method_params: (method name, its Params
-  instance) pairs; read them with `params_of`.
+  instance) pairs; read them with `params_of`. vocab_chunk: 0 = the models return full logits;
+  C > 0 = every full-vocabulary term is computed from hidden states and LM heads in chunks of
+  at most C vocabulary ids (losses/vocab_chunk.py; methods with `vocab_chunk=False` refuse it).
   """
   method: str = "cot2align"
   base: str = DEFAULT_BASE
@@ -43,6 +46,11 @@ class KDConfig:
   divergence_params: tuple[tuple[str, float], ...] = ()
   ot: OTConfig = OTConfig()
   method_params: tuple[tuple[str, Any], ...] = ()
+  vocab_chunk: int = 0
+
+  def __post_init__(self):
+    if self.vocab_chunk < 0:
+      raise ValueError(f"vocab_chunk must be >= 0 (0 = off), got {self.vocab_chunk}")
 
   @property
   def div_params(self) -> dict:
@@ -56,7 +64,9 @@ class LossInputs(NamedTuple):
   or None}, each run with hidden_states="ends" (embedding output, final normed state), or "all"
   when the OT block compares other layers (`ot_layers.hidden_states_request`).
   *_embed [V, D] embedding tables and *_head [D, V] LM heads (`output_matrix()`), used by the
-  DSKD family. vocab_map [Vt] int32: the MinED teacher->student map.
+  DSKD family. vocab_map [Vt] int32: the MinED teacher->student map. student_lm /
+  teacher_lm: how each model turns h·W into logits (softcap, valid rows), read by the chunked
+  losses (KDConfig.vocab_chunk > 0, when the forwards return no logits).
   """
   batch: Mapping[str, jax.Array]
   student: Mapping[str, object]
@@ -66,6 +76,8 @@ class LossInputs(NamedTuple):
   teacher_embed: jax.Array | None = None
   teacher_head: jax.Array | None = None
   vocab_map: jax.Array | None = None
+  student_lm: vc.HeadSpec | None = None
+  teacher_lm: vc.HeadSpec | None = None
 
 
 TermFn = Callable[[LossInputs, "MethodProjectors", KDConfig], tuple[jax.Array, dict]]
@@ -82,7 +94,9 @@ class Method:
     vocabulary map. same_vocab: teacher and student must share one vocabulary. uses_rationales:
     trains on CoT records with paired views. params: a frozen dataclass of its own settings
     (defaults = the paper's), or None. ot_settings: fn(cfg) -> the OTConfig of its OT block
-    (None: cfg.ot); read it with `ot_config`.
+    (None: cfg.ot); read it with `ot_config`. vocab_chunk: its KD term runs on chunked
+    logits (KDConfig.vocab_chunk > 0); False for a term that needs the whole distribution
+    at once (ULD's full sort).
   """
   name: str
   kd: TermFn | None
@@ -95,6 +109,7 @@ class Method:
   uses_rationales: bool = False
   params: type | None = None
   ot_settings: Callable[[KDConfig], OTConfig] | None = None
+  vocab_chunk: bool = True
 
   @property
   def composes(self) -> bool:
@@ -198,7 +213,16 @@ def side(inputs: LossInputs, who: str) -> KDSide:
       input_ids=b[spec.key("main", who, "input_ids")], labels=b[spec.key("main", who, "labels")],
       mask=b[spec.key("main", who, "loss_mask")],
       embed=inputs.student_embed if who == "student" else inputs.teacher_embed,
-      head=inputs.student_head if who == "student" else inputs.teacher_head)
+      head=inputs.student_head if who == "student" else inputs.teacher_head,
+      lm=inputs.student_lm if who == "student" else inputs.teacher_lm)
+
+
+def check_vocab_chunk(method: Method, cfg: KDConfig) -> None:
+  """ValueError (one line) if cfg.vocab_chunk > 0 and the method's KD term cannot be chunked."""
+  if cfg.vocab_chunk > 0 and not method.vocab_chunk:
+    raise ValueError(f"kd.vocab_chunk={cfg.vocab_chunk} is not supported by {method.name}: its "
+                     "KD term needs the whole distribution at once (docs/losses.md, Vocabulary "
+                     "chunking); set kd.vocab_chunk=0")
 
 
 def cross_entropy_sum(logits: jax.Array, labels: jax.Array, mask: jax.Array):
@@ -218,8 +242,14 @@ def objective(method: Method, cfg: KDConfig, inputs: LossInputs,
   """
   b = inputs.batch
   student = inputs.student["main"]
-  ce_sum, n_tok = cross_entropy_sum(student.logits, b[spec.key("main", "student", "labels")],
-                                    b[spec.key("main", "student", "loss_mask")])
+  labels, mask = b[spec.key("main", "student", "labels")], b[spec.key("main", "student",
+                                                                      "loss_mask")]
+  if cfg.vocab_chunk > 0:
+    check_vocab_chunk(method, cfg)
+    lg = vc.side_logits(student.hidden_states[-1], inputs.student_head, inputs.student_lm)
+    ce_sum, n_tok = masked_sum(vc.cross_entropy(lg, labels, cfg.vocab_chunk), mask)
+  else:
+    ce_sum, n_tok = cross_entropy_sum(student.logits, labels, mask)
   denom = jnp.maximum(n_tok, 1.0)
   metrics = {"ce": (ce_sum, n_tok)}
   if method.kd is None and not method.ot:

@@ -18,8 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from cot2align_jax.core.numerics import F32, masked_sum
+from cot2align_jax.losses import vocab_chunk as vc
 from cot2align_jax.losses.cross_tokenizer import (NEG_LOGIT, KDSide, as_bool, like_vocab_mask,
-                                                  project_head, sg, t2s_terms, token_div)
+                                                  project_head, s2t_head, sg, t2s_head,
+                                                  t2s_terms, t2s_terms_chunked, token_div)
 from cot2align_jax.losses.methods.base import Method, side
 from cot2align_jax.losses.projectors import Projectors
 
@@ -58,10 +60,11 @@ def cma_attention_logits(projectors: Projectors, student: KDSide, teacher: KDSid
 
 
 def dskd_cma_loss(projectors: Projectors, student: KDSide, teacher: KDSide, *,
-                  divergence: str = "fkl", temperature: float = 1.0, **div_params
-                  ) -> tuple[jax.Array, jax.Array, dict]:
+                  divergence: str = "fkl", temperature: float = 1.0, vocab_chunk: int = 0,
+                  **div_params) -> tuple[jax.Array, jax.Array, dict]:
   """projectors: `Projectors.dskd` with query, t2s, s2t; student/teacher: KDSide with embed
-  tables. Returns (KD_sum = t2s_CE + t2s_KD + s2t_KD, Σ student mask, parts)."""
+  tables. Returns (KD_sum = t2s_CE + t2s_KD + s2t_KD, Σ student mask, parts). vocab_chunk > 0:
+  every logit term in vocabulary chunks (the sides' logits may be None)."""
   projectors.require("query", "t2s", "s2t")
   scores = cma_attention_logits(projectors, student, teacher)
   h_t = sg(teacher.hidden).astype(F32)
@@ -69,14 +72,24 @@ def dskd_cma_loss(projectors: Projectors, student: KDSide, teacher: KDSide, *,
   values_t = projectors.t2s(h_t / masked_std(h_t, teacher.mask)
                             + label_t / masked_std(label_t, teacher.mask))      # [B, Lt, dS]
   t2s_h = jnp.einsum("bij,bjd->bid", jax.nn.softmax(scores, axis=-1), values_t)
-  t2s_logits = project_head(t2s_h, sg(student.head))
-  parts = t2s_terms(t2s_logits, student, student.mask, divergence=divergence,
-                    temperature=temperature, div_params=div_params, agreement_mask=True)
+  if vocab_chunk > 0:
+    parts = t2s_terms_chunked(t2s_head(t2s_h, student), student, student.mask,
+                              chunk=vocab_chunk, divergence=divergence,
+                              temperature=temperature, div_params=div_params,
+                              agreement_mask=True)
+  else:
+    t2s_logits = project_head(t2s_h, sg(student.head))
+    parts = t2s_terms(t2s_logits, student, student.mask, divergence=divergence,
+                      temperature=temperature, div_params=div_params, agreement_mask=True)
   values_s = projectors.s2t(student.hidden)                                       # [B, Ls, dT]
   s2t_weights = jax.nn.softmax(jnp.swapaxes(scores, 1, 2), axis=-1)               # [B, Lt, Ls]
   s2t_h = jnp.einsum("bji,bid->bjd", s2t_weights, values_s)
-  s2t_logits = like_vocab_mask(project_head(s2t_h, sg(teacher.head)), sg(teacher.logits))
-  s2t = token_div("fkl", s2t_logits, teacher.logits, temperature, {})
+  if vocab_chunk > 0:
+    s2t = vc.divergence("fkl", s2t_head(s2t_h, teacher), teacher.lg(),
+                        temperature=temperature, chunk=vocab_chunk)
+  else:
+    s2t_logits = like_vocab_mask(project_head(s2t_h, sg(teacher.head)), sg(teacher.logits))
+    s2t = token_div("fkl", s2t_logits, teacher.logits, temperature, {})
   parts["s2t_kd"], parts["s2t_count"] = masked_sum(s2t, teacher.mask)
   total = parts["t2s_ce"] + parts["t2s_kd"] + parts["s2t_kd"]
   return total, parts.pop("count"), parts
@@ -85,7 +98,8 @@ def dskd_cma_loss(projectors: Projectors, student: KDSide, teacher: KDSide, *,
 def term(inputs, projectors, cfg):
   total, _, parts = dskd_cma_loss(projectors.kd, side(inputs, "student"),
                                   side(inputs, "teacher"), divergence=cfg.divergence,
-                                  temperature=cfg.temperature, **cfg.div_params)
+                                  temperature=cfg.temperature, vocab_chunk=cfg.vocab_chunk,
+                                  **cfg.div_params)
   return total, parts
 
 

@@ -16,8 +16,10 @@ import jax.numpy as jnp
 
 from cot2align_jax.core import spec
 from cot2align_jax.core.numerics import masked_sum
+from cot2align_jax.losses import vocab_chunk as vc
 from cot2align_jax.losses.cross_tokenizer import (KDSide, as_bool, gather_positions,
-                                                  like_vocab_mask, project_head, sg, t2s_terms,
+                                                  like_vocab_mask, project_head, s2t_head, sg,
+                                                  t2s_head, t2s_terms, t2s_terms_chunked,
                                                   token_div)
 from cot2align_jax.losses.methods.base import Method, params_of, side
 from cot2align_jax.losses.projectors import Projectors
@@ -31,14 +33,26 @@ class Params:
 
 def dskd_eta_loss(projectors: Projectors, student: KDSide, teacher: KDSide,
                   eta_pos: jax.Array, eta_mask: jax.Array, *, divergence: str = "fkl",
-                  temperature: float = 1.0, params: Params = Params(), **div_params
-                  ) -> tuple[jax.Array, jax.Array, dict]:
+                  temperature: float = 1.0, params: Params = Params(), vocab_chunk: int = 0,
+                  **div_params) -> tuple[jax.Array, jax.Array, dict]:
   """eta_pos / eta_mask [B, Ls]: teacher label position aligned to each student label position.
-  Returns (t2s_CE + t2s_KD + s2t_KD, number of aligned pairs, parts)."""
+  Returns (t2s_CE + t2s_KD + s2t_KD, number of aligned pairs, parts). vocab_chunk > 0: every
+  logit term in vocabulary chunks (the sides' logits may be None)."""
   projectors.require("t2s", "s2t")
   pairs = (as_bool(eta_mask) & as_bool(student.mask)
            & jnp.take_along_axis(as_bool(teacher.mask), eta_pos, axis=1))
   h_t = gather_positions(sg(teacher.hidden), eta_pos)                            # [B, Ls, dT]
+  if vocab_chunk > 0:
+    parts = t2s_terms_chunked(t2s_head(projectors.t2s(h_t), student), student, pairs,
+                              chunk=vocab_chunk, divergence=divergence,
+                              temperature=temperature, div_params=div_params,
+                              agreement_mask=params.agreement_mask)
+    s2t = vc.divergence(divergence, s2t_head(projectors.s2t(student.hidden), teacher),
+                        teacher.lg().at(eta_pos), temperature=temperature, chunk=vocab_chunk,
+                        **div_params)
+    parts["s2t_kd"], parts["s2t_count"] = masked_sum(s2t, pairs)
+    total = parts["t2s_ce"] + parts["t2s_kd"] + parts["s2t_kd"]
+    return total, parts.pop("count"), parts
   t2s_logits = project_head(projectors.t2s(h_t), sg(student.head))
   parts = t2s_terms(t2s_logits, student, pairs, divergence=divergence,
                     temperature=temperature, div_params=div_params,
@@ -57,7 +71,8 @@ def term(inputs, projectors, cfg):
   total, _, parts = dskd_eta_loss(
       projectors.kd, side(inputs, "student"), side(inputs, "teacher"),
       b[spec.align_key("eta_pos")], b[spec.align_key("eta_mask")], divergence=cfg.divergence,
-      temperature=cfg.temperature, params=params_of(cfg, METHOD), **cfg.div_params)
+      temperature=cfg.temperature, params=params_of(cfg, METHOD), vocab_chunk=cfg.vocab_chunk,
+      **cfg.div_params)
   return total, parts
 
 

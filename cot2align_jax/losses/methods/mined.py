@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cot2align_jax.core import spec
 from cot2align_jax.core.numerics import F32, masked_sum
-from cot2align_jax.losses.cross_tokenizer import (NEG_LOGIT, as_bool, gather_positions, sg,
-                                                  token_div)
+from cot2align_jax.losses import vocab_chunk as vc
+from cot2align_jax.losses.cross_tokenizer import (NEG_LOGIT, KDSide, as_bool, gather_positions,
+                                                  sg, token_div)
 from cot2align_jax.losses.methods.base import Method, side
 
 GOLD_LOGIT = 100.0          # one-hot gold logit of the MinED reference
@@ -68,11 +70,58 @@ def mined_loss(student_logits: jax.Array, teacher_logits: jax.Array, student_lab
   return masked_sum(per_token, student_mask)
 
 
+def mined_loss_chunked(student: KDSide, teacher: KDSide, mined_pos: jax.Array,
+                       mined_mask: jax.Array, vocab_map: np.ndarray, *, chunk: int,
+                       temperature: float = 1.0, divergence: str = "fkl", **div_params
+                       ) -> tuple[jax.Array, jax.Array]:
+  """mined_loss from hidden states and LM heads, in chunks of the student vocabulary.
+
+  vocab_map must be concrete (numpy, or a constant of the traced function): the teacher ids
+  mapped into each student chunk are listed on the host (vocab_chunk.mined_table). Each chunk
+  of the target is the segment max of the teacher's logits at those ids (floored at −1e5), or
+  the one-hot gold where the position does not use the teacher.
+  """
+  try:
+    vmap = np.asarray(vocab_map)
+  except jax.errors.TracerArrayConversionError:
+    raise ValueError("mined with kd.vocab_chunk > 0 needs a concrete vocabulary map (not a "
+                     "traced argument)") from None
+  s_lg = student.lg()
+  lay = vc.layout(s_lg.vocab, chunk)
+  projected = vc.mined_source(teacher.lg().at(mined_pos), vc.mined_table(vmap, lay), lay,
+                              NEG_LOGIT)
+  lead = student.labels.shape
+
+  def max_step(best, zs, ids):
+    return jnp.maximum(best, jnp.max(zs[0], axis=-1)), None
+
+  best, _ = vc.vocab_scan(max_step, jnp.full(lead, -jnp.inf, F32), [projected], lay)
+  t_label = jnp.take_along_axis(teacher.labels, mined_pos, axis=1)
+  mapped = jnp.take(jnp.asarray(vmap, jnp.int32), t_label, mode="clip")
+  aligned = (as_bool(mined_mask) & as_bool(student.mask) & (mapped == student.labels)
+             & (best > NEG_LOGIT))
+
+  def target(j, ids):
+    gold = jnp.where(ids == student.labels[..., None], GOLD_LOGIT, NEG_LOGIT)
+    gold = jnp.where(ids < lay.vocab, gold, -jnp.inf)
+    return jnp.where(aligned[..., None], projected(j, ids), gold)
+
+  per_token = vc.divergence(divergence, s_lg, target, temperature=temperature, chunk=chunk,
+                            **div_params)
+  return masked_sum(per_token, student.mask)
+
+
 def term(inputs, projectors, cfg):
   if inputs.vocab_map is None:
     raise ValueError("method 'mined' needs the MinED vocabulary map (LossInputs.vocab_map)")
   s, t = side(inputs, "student"), side(inputs, "teacher")
   b = inputs.batch
+  if cfg.vocab_chunk > 0:
+    total, _ = mined_loss_chunked(s, t, b[spec.align_key("mined_pos")],
+                                  b[spec.align_key("mined_mask")], inputs.vocab_map,
+                                  chunk=cfg.vocab_chunk, temperature=cfg.temperature,
+                                  divergence=cfg.divergence, **cfg.div_params)
+    return total, {}
   total, _ = mined_loss(s.logits, t.logits, s.labels, s.mask, t.labels,
                         b[spec.align_key("mined_pos")], b[spec.align_key("mined_mask")],
                         inputs.vocab_map, temperature=cfg.temperature,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from cot2align_jax.core.numerics import F32, log_probs, masked_sum
 from cot2align_jax.losses import ot
+from cot2align_jax.losses import vocab_chunk as vc
 from cot2align_jax.losses.cross_tokenizer import (as_bool, gather_positions, pad_last,
                                                   rank_pairs, sg)
 from cot2align_jax.losses.methods.base import Method, params_of, side
@@ -63,16 +64,80 @@ def top_mass_vocab(probs: jax.Array, mask: jax.Array, k: int) -> jax.Array:
   return pad_last(jnp.take(probs, columns, axis=-1), k)
 
 
-def multilevel_ot_loss(student_logits: jax.Array, teacher_logits: jax.Array,
+def top_mass_chunked(lg: vc.Logits, mask: jax.Array, k: int, *, temperature: float,
+                     chunk: int, eps: float = 1e-4) -> jax.Array:
+  """top_mass_vocab(softmax(std_normalise(logits)/τ), mask, k) -> [B, L, k] from hidden states
+  and an LM head, in vocabulary chunks: pass 1 count and sum of the finite logits (mean),
+  pass 2 their squared deviations (std, ddof 1), pass 3 the log-normaliser of the normalised
+  logits at τ, pass 4 the mass of each column over the valid positions; then the k columns
+  of largest mass are computed directly (h · W[:, columns])."""
+  lay = vc.layout(lg.vocab, chunk)
+  lead = lg.hidden.shape[:-1]
+  base = vc.chunk_fn(lg, lay)
+
+  def moments(carry, zs, ids):
+    n, total = carry
+    finite = jnp.isfinite(zs[0])
+    return (n + jnp.sum(finite, axis=-1).astype(F32),
+            total + jnp.sum(jnp.where(finite, zs[0], 0.0), axis=-1)), None
+
+  zero = jnp.zeros(lead, F32)
+  (n, total), _ = vc.vocab_scan(moments, (zero, zero), [base], lay)
+  mean = total / jnp.maximum(n, 1.0)
+
+  def spread(acc, zs, ids):
+    x = zs[0]
+    dev = jnp.where(jnp.isfinite(x), jnp.square(jnp.where(jnp.isfinite(x), x, 0.0)
+                                                - mean[..., None]), 0.0)
+    return acc + jnp.sum(dev, axis=-1), None
+
+  var, _ = vc.vocab_scan(spread, zero, [base], lay)
+  var = var / jnp.maximum(n - 1.0, 1.0)
+  std = jnp.sqrt(jnp.where(var > 0, var, 1.0)) * (var > 0)
+  scale = 1.0 / (std + eps)
+
+  def normalised(x):
+    finite = jnp.isfinite(x)
+    return jnp.where(finite, jnp.where(finite, x, 0.0) * scale[..., None], -jnp.inf)
+
+  def z_fn(j, ids):
+    return normalised(base(j, ids))
+
+  (lse,) = vc.log_normalisers([z_fn], [temperature], lay, lead)
+  w = as_bool(mask).astype(F32)[..., None]
+
+  def mass(carry, zs, ids):
+    p = jnp.exp(sg(zs[0]) / temperature - sg(lse)[..., None])
+    return carry, jnp.sum(p * w, axis=tuple(range(len(lead))))
+
+  _, per_chunk = vc.vocab_scan(mass, (), [z_fn], lay)
+  col_mass = lay.to_vocab(per_chunk)                                              # [V]
+  keep = min(k, lg.vocab)
+  _, columns = jax.lax.top_k(col_mass, keep)
+  z = normalised(lg.columns(columns))                                             # [B, L, keep]
+  return pad_last(jnp.exp(z / temperature - lse[..., None]), k)
+
+
+def multilevel_ot_loss(student_logits: jax.Array | None, teacher_logits: jax.Array | None,
                        student_mask: jax.Array, teacher_mask: jax.Array, *,
-                       temperature: float = 2.0, params: Params = Params()
+                       temperature: float = 2.0, params: Params = Params(),
+                       student_lg: vc.Logits | None = None,
+                       teacher_lg: vc.Logits | None = None, vocab_chunk: int = 0
                        ) -> tuple[jax.Array, jax.Array, dict]:
   """student_logits [B, Ls, Vs], teacher_logits [B, Lt, Vt], masks [B, Ls] / [B, Lt].
-  Returns (token_l1 + ce_weight·token_ce + seq_weight·seq_ot, number of pairs, parts)."""
-  p_s = jnp.exp(log_probs(std_normalise(student_logits), temperature))
-  p_t = jnp.exp(log_probs(std_normalise(sg(teacher_logits)), temperature))
-  s_top = top_mass_vocab(p_s, student_mask, params.top_k)                         # [B, Ls, k]
-  t_top = top_mass_vocab(p_t, teacher_mask, params.top_k)                         # [B, Lt, k]
+  Returns (token_l1 + ce_weight·token_ce + seq_weight·seq_ot, number of pairs, parts).
+  vocab_chunk > 0: the top-k distributions from student_lg / teacher_lg (vocab_chunk.Logits)
+  in vocabulary chunks instead (the logits are then unused)."""
+  if vocab_chunk > 0:
+    s_top = top_mass_chunked(student_lg, student_mask, params.top_k, temperature=temperature,
+                             chunk=vocab_chunk)
+    t_top = sg(top_mass_chunked(teacher_lg.stop_gradient(), teacher_mask, params.top_k,
+                                temperature=temperature, chunk=vocab_chunk))
+  else:
+    p_s = jnp.exp(log_probs(std_normalise(student_logits), temperature))
+    p_t = jnp.exp(log_probs(std_normalise(sg(teacher_logits)), temperature))
+    s_top = top_mass_vocab(p_s, student_mask, params.top_k)                       # [B, Ls, k]
+    t_top = top_mass_vocab(p_t, teacher_mask, params.top_k)                       # [B, Lt, k]
 
   s_pos, t_pos, pair = rank_pairs(student_mask, teacher_mask)
   s_pair, t_pair = gather_positions(s_top, s_pos), gather_positions(t_top, t_pos)
@@ -98,7 +163,8 @@ def term(inputs, projectors, cfg):
   s, t = side(inputs, "student"), side(inputs, "teacher")
   total, _, parts = multilevel_ot_loss(s.logits, t.logits, s.mask, t.mask,
                                        temperature=cfg.temperature,
-                                       params=params_of(cfg, METHOD))
+                                       params=params_of(cfg, METHOD), student_lg=s.lg(),
+                                       teacher_lg=t.lg(), vocab_chunk=cfg.vocab_chunk)
   return total, parts
 
 
