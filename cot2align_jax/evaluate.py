@@ -34,6 +34,7 @@ from cot2align_jax.evaluation.protocol import evaluate_sets, results_markdown
 from cot2align_jax.models import from_pretrained, load_tokenizer
 from cot2align_jax.training import cli_flags
 from cot2align_jax.training import config as C
+from cot2align_jax.training.mesh import exit_on_peer_loss
 from cot2align_jax.training.restore import student_from_checkpoint
 
 FLAGS = flags.FLAGS
@@ -124,7 +125,7 @@ def _evaluate() -> None:
 
 def main(argv) -> None:
   cli.no_arguments(argv)
-  cli_flags.run_guarded(_evaluate)
+  cli_flags.run_guarded(lambda: exit_on_peer_loss(_evaluate))
 
 
 def run() -> None:

@@ -36,6 +36,7 @@ from cot2align_jax.core.cli import UsageError
 from cot2align_jax.evaluation.rationales import generate_rationales, import_rationale_file
 from cot2align_jax.training import cli_flags
 from cot2align_jax.training import config as C
+from cot2align_jax.training.mesh import exit_on_peer_loss
 from cot2align_jax.training.restore import config_model
 
 FLAGS = flags.FLAGS
@@ -101,7 +102,7 @@ def _generate_cot() -> None:
 
 def main(argv) -> None:
   cli.no_arguments(argv)
-  cli_flags.run_guarded(_generate_cot)
+  cli_flags.run_guarded(lambda: exit_on_peer_loss(_generate_cot))
 
 
 def run() -> None:

@@ -30,6 +30,7 @@ from cot2align_jax.training import cli_flags
 from cot2align_jax.training import config as C
 from cot2align_jax.training import loop
 from cot2align_jax.training.checkpoint import CheckpointError
+from cot2align_jax.training.mesh import DistributedError, exit_on_peer_loss
 
 _CONFIG = cli.define_config_flag(
     "Experiment config file (configs/*.py), optionally with :arg.")
@@ -37,13 +38,17 @@ _WORKDIR = cli.define_once(flags.DEFINE_string, "workdir", None,
                            "Run directory (logs, checkpoints, export).")
 
 # Bad input: one line on stderr, exit 2.
-INPUT_ERRORS = (C.ConfigError, ModelError, DataError, CheckpointError, FileNotFoundError)
+# DistributedError: the processes of a multi-process job could not join (launch/README.md).
+INPUT_ERRORS = (C.ConfigError, ModelError, DataError, CheckpointError, FileNotFoundError,
+                DistributedError)
 
 
 def main(argv: list[str]) -> None:
   cli.no_arguments(argv)
   cli.quiet_logging()
-  summary = cli.guarded(lambda: loop.train(_CONFIG.value, _WORKDIR.value), INPUT_ERRORS)
+  summary = cli.guarded(
+      lambda: exit_on_peer_loss(lambda: loop.train(_CONFIG.value, _WORKDIR.value)),
+      INPUT_ERRORS)
   keys = ("step", "start_step", "resumed", "preempted", "export")
   print(json.dumps({k: summary.get(k) for k in keys}), flush=True)
   if summary.get("preempted"):

@@ -6,6 +6,8 @@
 #   bash launch/gpu.sh install                      # venv + requirements + jax[cuda12]
 #   bash launch/gpu.sh run --config.train.steps=100 # train on every visible GPU
 #   DRY_RUN=1 bash launch/gpu.sh run                # print the command instead
+#   bash launch/gpu.sh rehearse                     # 2 local CPU processes x 2 devices: the
+#                                                   # multi-host path, before a pod/cluster run
 set -euo pipefail
 
 SELF="gpu.sh"
@@ -24,7 +26,12 @@ PREALLOCATE="${PREALLOCATE:-}"      # XLA_PYTHON_CLIENT_PREALLOCATE=false: alloc
 DEMO_DIR="${DEMO_DIR:-runs/demo}"
 DEMO_SIZE="${DEMO_SIZE:-full}"
 DRY_RUN="${DRY_RUN:-0}"
-# Multi-host: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+REHEARSE_PROCESSES="${REHEARSE_PROCESSES:-2}"  # rehearse: local CPU processes
+REHEARSE_DEVICES="${REHEARSE_DEVICES:-2}"      # rehearse: CPU devices per process
+REHEARSE_PORT="${REHEARSE_PORT:-12355}"        # rehearse: coordinator port on 127.0.0.1
+# Multi-host: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES, JAX_PROCESS_ID;
+# COT2ALIGN_HEARTBEAT_TIMEOUT (s, default 100): a silent peer counts as dead and the survivors
+# exit with one error line; COT2ALIGN_INIT_TIMEOUT (s, default 300): waiting for all to join.
 
 usage() {
   cat <<EOF
@@ -39,6 +46,9 @@ Subcommands (run on the GPU machine, from any directory):
                          \$WORKDIR/checkpoints (pass the same overrides as the first run)
   evaluate [EVAL_FLAGS]  python -m cot2align_jax.evaluate --config=\$CONFIG --workdir=\$WORKDIR
   demo [DEMO_FLAGS]      python -m cot2align_jax.demo --workdir=\$DEMO_DIR --size=\$DEMO_SIZE
+  rehearse [OVERRIDES]   the multi-host path on this machine, on CPU: \$REHEARSE_PROCESSES
+                         processes x \$REHEARSE_DEVICES devices of one job (coordinator
+                         127.0.0.1:\$REHEARSE_PORT), each running the 'run' command
   devices                print what JAX sees (processes, local and global devices)
   help                   this text
 
@@ -47,6 +57,7 @@ Settings (environment variables, with defaults):
   CONFIG=$CONFIG  WORKDIR=$WORKDIR  MESH_DATA=$MESH_DATA
   GPUS=${GPUS:-<all>}  MEM_FRACTION=${MEM_FRACTION:-<jax default>}  PREALLOCATE=${PREALLOCATE:-<jax default>}
   DEMO_DIR=$DEMO_DIR  DEMO_SIZE=$DEMO_SIZE  DRY_RUN=$DRY_RUN
+  REHEARSE_PROCESSES=$REHEARSE_PROCESSES  REHEARSE_DEVICES=$REHEARSE_DEVICES  REHEARSE_PORT=$REHEARSE_PORT
 
 Several hosts: start the same subcommand on every host, each with
   JAX_COORDINATOR_ADDRESS=<host 0>:<port>  JAX_NUM_PROCESSES=<hosts>  JAX_PROCESS_ID=<0..hosts-1>
@@ -89,7 +100,8 @@ prepare() {
     [[ -n "${JAX_PROCESS_ID:-}" ]] || die "JAX_NUM_PROCESSES>1 needs JAX_PROCESS_ID"
   fi
   local v
-  for v in JAX_COORDINATOR_ADDRESS JAX_NUM_PROCESSES JAX_PROCESS_ID; do
+  for v in JAX_COORDINATOR_ADDRESS JAX_NUM_PROCESSES JAX_PROCESS_ID COT2ALIGN_HEARTBEAT_TIMEOUT \
+    COT2ALIGN_INIT_TIMEOUT; do
     if [[ -n "${!v:-}" ]]; then
       export "${v?}"
     fi
@@ -162,6 +174,37 @@ cmd_evaluate() {
   run_py -m cot2align_jax.evaluate --config="$CONFIG" --workdir="$WORKDIR" "$@"
 }
 
+# The step before a multi-host run: the same training command as REHEARSE_PROCESSES processes
+# of one JAX job on this machine's CPU (gloo collectives), each with REHEARSE_DEVICES devices.
+# Exits with the first non-zero status of the processes (0 when all finish).
+cmd_rehearse() {
+  [[ "${JAX_NUM_PROCESSES:-1}" -le 1 ]] || die "rehearse starts its own processes: unset JAX_NUM_PROCESSES"
+  [[ "$REHEARSE_PROCESSES" =~ ^[1-9][0-9]*$ ]] || die "REHEARSE_PROCESSES must be >= 1"
+  [[ "$REHEARSE_DEVICES" =~ ^[1-9][0-9]*$ ]] || die "REHEARSE_DEVICES must be >= 1"
+  mesh_args
+  cd "$REPO_ROOT"
+  PY="$(python_bin)"
+  local i status=0 pids=()
+  for ((i = 0; i < REHEARSE_PROCESSES; i++)); do
+    local vars=(JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$REHEARSE_DEVICES"
+      "JAX_COORDINATOR_ADDRESS=127.0.0.1:$REHEARSE_PORT" "JAX_NUM_PROCESSES=$REHEARSE_PROCESSES"
+      "JAX_PROCESS_ID=$i")
+    local argv=("$PY" -m cot2align_jax.train --config="$CONFIG" --workdir="$WORKDIR" "${MESH[@]}" "$@")
+    if [[ "$DRY_RUN" == 1 ]]; then
+      printf '+ env'
+      printf ' %q' "${vars[@]}" "${argv[@]}"
+      printf ' &\n'
+      continue
+    fi
+    env "${vars[@]}" "${argv[@]}" &
+    pids+=("$!")
+  done
+  for i in "${pids[@]}"; do
+    wait "$i" || { local rc=$?; [[ "$status" != 0 ]] || status=$rc; }
+  done
+  return "$status"
+}
+
 cmd_demo() {
   run_py -m cot2align_jax.demo --workdir="$DEMO_DIR" --size="$DEMO_SIZE" "$@"
 }
@@ -193,6 +236,7 @@ main() {
     run | resume) cmd_run "$@" ;;
     evaluate) cmd_evaluate "$@" ;;
     demo) cmd_demo "$@" ;;
+    rehearse) cmd_rehearse "$@" ;;
     devices) cmd_devices "$@" ;;
     *)
       echo "$SELF: unknown subcommand '$sub' (see: bash launch/$SELF help)" >&2

@@ -106,7 +106,7 @@ TPU_DRY_RUNS = [("create",), ("install",), ("run", "--config.train.steps=5"), ("
                 ("watch",), ("status",), ("stop",), ("logs", "20"), ("demo",), ("evaluate",),
                 ("copy", "a", "b"), ("fetch", "a"), ("ssh",), ("delete",)]
 GPU_DRY_RUNS = [("install",), ("run", "--config.train.steps=5"), ("resume",), ("evaluate",),
-                ("demo",), ("devices",)]
+                ("demo",), ("devices",), ("rehearse",)]
 
 
 @pytest.mark.parametrize("args", TPU_DRY_RUNS, ids=lambda a: a[0])
@@ -191,6 +191,28 @@ def test_gpu_runs_module_directly_with_jax_variables(tmp_path):
   r = _run(LAUNCH / "gpu.sh", "evaluate", "--seeds=10", env=env)
   assert r.returncode == 0, r.stderr
   assert re.findall(r"ARG<(.*?)>", r.stdout)[:2] == ["-m", "cot2align_jax.evaluate"]
+
+
+def test_gpu_rehearse_starts_one_local_cpu_job(tmp_path):
+  """`rehearse`: REHEARSE_PROCESSES processes of one job on 127.0.0.1, each with the JAX_*
+  variables of a multi-node job and REHEARSE_DEVICES CPU devices (run for real by
+  tests/test_multihost.py)."""
+  env, _ = _fake_gcloud(tmp_path)
+  env = dict(env, DRY_RUN="1", REHEARSE_PROCESSES="3", REHEARSE_DEVICES="2",
+             REHEARSE_PORT="4321")
+  r = _run(LAUNCH / "gpu.sh", "rehearse", "--config.train.steps=2", env=env)
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.splitlines()
+  assert len(lines) == 3
+  for i, line in enumerate(lines):
+    assert line.startswith("+ env JAX_PLATFORMS=cpu ") and line.endswith(" &")
+    assert ("XLA_FLAGS=--xla_force_host_platform_device_count=2 "
+            "JAX_COORDINATOR_ADDRESS=127.0.0.1:4321 JAX_NUM_PROCESSES=3 "
+            f"JAX_PROCESS_ID={i} ") in line
+    assert "-m cot2align_jax.train --config=configs/tiny.py:cot2align" in line
+    assert line.split()[-2] == "--config.train.steps=2"
+  r = _run(LAUNCH / "gpu.sh", "rehearse", env=dict(env, JAX_NUM_PROCESSES="2"))
+  assert r.returncode != 0 and "unset JAX_NUM_PROCESSES" in r.stderr
 
 
 # --------------------------------------------------------------------------------------------

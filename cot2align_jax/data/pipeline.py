@@ -4,8 +4,9 @@
     it = iter(pipe); batch = next(it)   # dict of numpy arrays, every spec key, B = batch_size rows
     state = it.get_state()              # later: it2 = iter(pipe); it2.set_state(state)
 
-Stages: records -> this host's strided shard -> seeded shuffle (reshuffled each epoch) -> repeat
--> per record: main and pair view tokenized by both tokenizers + the main view's alignment arrays
+Stages: records -> seeded shuffle (reshuffled each epoch) -> repeat -> this host's rows of every
+global batch (`HostRowsMapDataset`: host h of P takes rows [h·B, (h+1)·B) of each global batch
+of P·B records, so the global batch is the same whatever the process count) -> per record: main and pair view tokenized by both tokenizers + the main view's alignment arrays
 (`RowBuilder`, unpadded 1-D rows) -> batch of `batch_size` rows padded per side to the smallest
 bucket >= the side's longest row, a short last batch filled with example_id -1 rows (`Collate`)
 -> thread prefetch -> optional grain worker processes (`worker_count`).
@@ -40,7 +41,7 @@ ALIGNMENTS = ("eta", "mined")
 class PipelineConfig:
   """Settings of the input pipeline.
 
-  batch_size: rows per batch (per host).
+  batch_size: rows per batch (per host; the global batch is batch_size × shard_count).
   seed: shuffle seed (each epoch is reshuffled from it).
   shuffle: shuffle at all.
   num_epochs: passes over the data; None = forever.
@@ -53,8 +54,9 @@ class PipelineConfig:
   alignment: alignment arrays to compute, of ("eta", "mined"); the others are zero with mask 0
     (a method the alignment module lacks raises at Pipeline construction).
   shard_index, shard_count: this host's shard; None = jax.process_index() / process_count().
-  even_shards: drop the last len % shard_count examples so every host has the same count (and
-    the same number of batches: hosts of a multi-host job must step together).
+    Host h takes rows [h·batch_size, (h+1)·batch_size) of every global batch of the shuffled
+    stream, so every host has the same number of batches (a short last global batch gives
+    padding rows to the hosts past its end, or is dropped everywhere with drop_remainder).
   read_threads, prefetch_buffer: grain ReadOptions of the in-process prefetch (0 = synchronous).
   worker_count: grain mp_prefetch worker processes; 0 = everything in this process.
   worker_buffer_size: batches buffered per worker.
@@ -76,7 +78,6 @@ class PipelineConfig:
   alignment: tuple[str, ...] = ALIGNMENTS
   shard_index: int | None = None
   shard_count: int | None = None
-  even_shards: bool = True
   group_by_pair: int = 0
   read_threads: int = 0
   prefetch_buffer: int = 0
@@ -137,6 +138,53 @@ class GroupByPairMapDataset(grain.MapDataset):
       return self.slice(index)
     w, r = divmod(int(index), self._window)
     return self._parent[w * self._window + int(self._order(w)[r])]
+
+
+class PadRow:
+  """The element of a host's rows past the end of a short last global batch
+  (HostRowsMapDataset): `RowBuilder` passes it through and `Collate` fills its place with a
+  padding row. Not None: grain drops None elements, and a host must keep its batch count."""
+
+  def __repr__(self) -> str:
+    return "PAD_ROW"
+
+
+PAD_ROW = PadRow()
+
+
+class HostRowsMapDataset(grain.MapDataset):
+  """One host's rows of every global batch of its parent (a stream of records).
+
+  Global batch k is the parent's records [k·G, (k+1)·G), G = per_host · count; host `index`
+  takes records k·G + index·per_host + r, r < per_host, so concatenating the hosts' batches in
+  process order gives the global batch of a one-process pipeline with batch size G. A short
+  last global batch (len % G records) is dropped with `drop_remainder`, else each host gets
+  its rows of it, PAD_ROW past the end (always the trailing rows of a host's batch). Every
+  host has the same length: len(self) = (number of global batches) · per_host.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, per_host: int, index: int, count: int,
+               drop_remainder: bool):
+    super().__init__(parent)
+    if per_host < 1 or not 0 <= index < count:
+      raise ValueError(f"bad host rows: per_host={per_host}, index={index}, count={count}")
+    self._per_host, self._index, self._count = per_host, index, count
+    n, g = len(parent), per_host * count
+    self._batches = n // g if drop_remainder else -(-n // g)
+
+  def __len__(self) -> int:
+    return self._batches * self._per_host
+
+  def __str__(self) -> str:
+    return f"HostRowsMapDataset(per_host={self._per_host}, index={self._index}, " \
+           f"count={self._count})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    k, r = divmod(int(index), self._per_host)
+    g = k * self._per_host * self._count + self._index * self._per_host + r
+    return self._parent[g] if g < len(self._parent) else PAD_ROW
 
 
 def _field(record: Any, name: str) -> Any:
@@ -262,7 +310,9 @@ class RowBuilder:
                          max_len=self.config.max_len,
                          special_tokens=self.config.special_tokens)
 
-  def __call__(self, record: Any) -> dict[str, Any]:
+  def __call__(self, record: Any) -> dict[str, Any] | PadRow:
+    if isinstance(record, PadRow):
+      return record
     has_pair = bool(_field(record, "has_pair"))
     row: dict[str, Any] = {"has_pair": has_pair, "example_id": example_index(record)}
     main = {s: self.view(_field(record, "prompt"), _field(record, "response"), s)
@@ -287,7 +337,8 @@ class Collate:
   """Rows (≤ B) → one batch per spec.py: [B, L] arrays padded to the bucket length of each side.
 
   input_ids are padded with the side's pad id, every other field with 0; missing rows (short last
-  batch) have example_id -1, has_pair False and all masks 0.
+  batch, PAD_ROW elements of a host's share of one) have example_id -1, has_pair False and all
+  masks 0.
   """
 
   def __init__(self, pad_ids: dict[str, int], config: PipelineConfig):
@@ -296,12 +347,13 @@ class Collate:
 
   def side_length(self, rows: Sequence[dict[str, Any]], side: str) -> int:
     """The bucket length of one side: the smallest bucket ≥ its longest row over both views."""
-    longest = max((len(r[spec.key(v, side, "input_ids")]) for r in rows for v in spec.VIEWS),
-                  default=0)
+    longest = max((len(r[spec.key(v, side, "input_ids")]) for r in rows for v in spec.VIEWS
+                   if not isinstance(r, PadRow)), default=0)
     return bucket_length(longest, self.config.buckets)
 
   def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
     b = self.config.batch_size
+    rows = [r for r in rows if not isinstance(r, PadRow)]
     lengths = {s: self.side_length(rows, s) for s in spec.SIDES}
     batch: dict[str, np.ndarray] = {}
     for v in spec.VIEWS:
@@ -325,6 +377,36 @@ def _stack(rows: Sequence[dict[str, Any]], k: str, b: int, length: int,
   for r, row in enumerate(rows):
     a = row[k]
     out[r, :len(a)] = a
+  return out
+
+
+def side_lengths(batch: dict[str, np.ndarray]) -> dict[str, int]:
+  """{side: L} of a batch (core/spec.py): the padded length of each side's arrays."""
+  return {s: int(batch[spec.key("main", s, "input_ids")].shape[1]) for s in spec.SIDES}
+
+
+def pad_to_lengths(batch: dict[str, np.ndarray], lengths: dict[str, int],
+                   pad_ids: dict[str, int]) -> dict[str, np.ndarray]:
+  """The batch with each side's [B, L] arrays right-padded to `lengths[side]` (≥ L): input_ids
+  with the side's pad id, every other field with 0; the alignment arrays follow the student.
+  The hosts of a multi-process job pad their batches to the longest side lengths of all hosts,
+  which is what a one-process pipeline over the global batch produces."""
+  def pad(a: np.ndarray, length: int, fill: int) -> np.ndarray:
+    if a.shape[1] > length:
+      raise ValueError(f"cannot pad a length-{a.shape[1]} batch down to {length}")
+    if a.shape[1] == length:
+      return a
+    return np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=fill)
+
+  out = dict(batch)
+  for v in spec.VIEWS:
+    for s in spec.SIDES:
+      for f in spec.SEQ_FIELDS:
+        k = spec.key(v, s, f)
+        out[k] = pad(batch[k], lengths[s], pad_ids[s] if f == "input_ids" else 0)
+  for f in spec.ALIGN_FIELDS:
+    k = spec.align_key(f)
+    out[k] = pad(batch[k], lengths["student"], 0)
   return out
 
 
@@ -370,18 +452,20 @@ class Pipeline:
                            config)
 
   def records(self) -> grain.MapDataset:
-    """This host's records, shuffled per epoch and repeated (before tokenization)."""
+    """This host's records (before tokenization): the shuffled (per epoch) and repeated stream,
+    every host computing the same one, then this host's rows of each global batch
+    (`HostRowsMapDataset`); PAD_ROW past the end of a short last global batch."""
     c = self.config
     index, count = _shard(c)
     ds = grain.MapDataset.source(self.source)
-    if c.even_shards and count > 1:
-      ds = ds[:len(ds) - len(ds) % count]
-    ds = ds[index::count]
     if c.shuffle:
       ds = ds.shuffle(seed=c.seed)
     ds = ds.repeat(c.num_epochs)
     if c.group_by_pair:
-      ds = GroupByPairMapDataset(ds, window=c.group_by_pair * c.batch_size)
+      ds = GroupByPairMapDataset(ds, window=c.group_by_pair * c.batch_size * count)
+    if count > 1:
+      ds = HostRowsMapDataset(ds, per_host=c.batch_size, index=index, count=count,
+                              drop_remainder=c.drop_remainder)
     return ds
 
   def dataset(self) -> grain.IterDataset:

@@ -21,7 +21,9 @@
 * Metrics: ROUGE-L F x100 (rouge.py), GSM8K exact match x100 (gsm8k.py); over the seeds the
   mean and the population std (ddof=0).
 * Sharding: with `mesh=`, prompt arrays are placed on `P(data_axis)` and parameters replicated;
-  every process runs the same global batches and only process 0 writes files.
+  every process runs the same global batches (the same prompts and seeds), gathers the
+  generated rows in global order (a mesh over several processes holds each process's rows
+  only) and only process 0 writes files.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from cot2align_jax.data.records import Example, plain_prompt, render_prompt
 from cot2align_jax.data.sources import DATASETS
@@ -91,6 +94,13 @@ class SamplingSettings:
                             greedy=self.greedy, top_k=self.top_k, top_p=self.top_p,
                             no_repeat_ngram_size=self.no_repeat_ngram_size,
                             eos_token_ids=tuple(eos_ids), pad_token_id=int(pad_id))
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-process) array as numpy on this host, rows in global order."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -228,8 +238,7 @@ class TextGenerator:
     ids, mask = self.pad_batch(rows)
     start = time.perf_counter()
     out = self._run(ids, mask, seed)
-    tokens = np.asarray(jax.device_get(out.tokens))
-    lengths = np.asarray(jax.device_get(out.lengths))
+    tokens, lengths = to_host(out.tokens), to_host(out.lengths)
     seconds = time.perf_counter() - start
     texts, kept = [], []
     for b in range(len(rows)):

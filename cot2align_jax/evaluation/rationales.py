@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Literal
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from cot2align_jax.data.records import CotRule, DataError, Example, cot_prompt, cot_selector
 from cot2align_jax.data.sources import import_rationales, read_rationales
@@ -91,6 +93,17 @@ def _append(path: Path, rows: Iterable[tuple[str, str]]) -> int:
   return n
 
 
+def _done_ids(selected: Sequence[Example], done: dict[str, str]) -> set[str]:
+  """Ids of `selected` that already have a rationale, as process 0 read them from the file:
+  every process of a multi-process job must skip the same batches (they run the generation
+  together), whether or not it sees the file, and whenever it read it."""
+  if jax.process_count() == 1 or not selected:
+    return {ex.id for ex in selected if ex.id in done}
+  flags = np.asarray([ex.id in done for ex in selected], np.int32)
+  flags = np.asarray(multihost_utils.broadcast_one_to_all(flags))
+  return {ex.id for ex, flag in zip(selected, flags) if flag}
+
+
 def generate_rationales(model, tokenizer, examples: Sequence[Example], out_path: str | Path, *,
                         settings: SamplingSettings | None = None, seed: int = 10,
                         batch_size: int = 8, cot_rule: CotRule = "nonempty_input",
@@ -114,13 +127,14 @@ def generate_rationales(model, tokenizer, examples: Sequence[Example], out_path:
   writer = jax.process_index() == 0
   if writer:
     out_path.parent.mkdir(parents=True, exist_ok=True)
-  done = done_rationales(out_path)
+  done = done_rationales(out_path) if writer else {}  # repairs a torn tail: the writer only
   known = {ex.id for ex in examples}
   stray = [rid for rid in done if rid not in known]
   if stray and not max_examples:
     log.warning("%s: %d ids in the file match no given example (first: %s)", out_path,
                 len(stray), stray[:3])
-  already = sum(ex.id in done for ex in selected)
+  done_ids = _done_ids(selected, done)
+  already = sum(ex.id in done_ids for ex in selected)
   settings = settings or RATIONALE_SETTINGS
   generator = TextGenerator(model, tokenizer, settings, batch_size=batch_size, mesh=mesh,
                             data_axis=data_axis)
@@ -131,7 +145,7 @@ def generate_rationales(model, tokenizer, examples: Sequence[Example], out_path:
   start = time.perf_counter()
   for k in range(n_batches):
     batch = selected[k * batch_size:(k + 1) * batch_size]
-    missing = [ex for ex in batch if ex.id not in done]
+    missing = [ex for ex in batch if ex.id not in done_ids]
     if not missing:
       report.batches_skipped += 1
       continue
@@ -139,10 +153,10 @@ def generate_rationales(model, tokenizer, examples: Sequence[Example], out_path:
       break
     encoded = [generator.encode((prompt_fn or cot_prompt)(ex)) for ex in batch]
     out = generator.generate_ids(encoded, batch_seed(seed, k))
-    rows = [(ex.id, text) for ex, text in zip(batch, out.texts) if ex.id not in done]
+    rows = [(ex.id, text) for ex, text in zip(batch, out.texts) if ex.id not in done_ids]
     if writer:
       _append(out_path, rows)
-    done.update(rows)
+    done_ids.update(rid for rid, _ in rows)
     report.generated += len(rows)
     report.batches_run += 1
     report.tokens += out.n_tokens

@@ -7,9 +7,12 @@
 
 One directory per saved step, ``<dir>/<step>/``, with items ``state/`` (StandardSave),
 ``data_iter/`` (the grain iterator state, one JSON per process) and ``meta/`` (``{"step",
-"config", "metrics"}``). Retention: the latest ``keep`` steps plus the best by ``best_metric``.
-Only finalized (atomically renamed) steps are listed; a latest step that fails to restore falls
-back to the previous one. Restoring targets ``jax.ShapeDtypeStruct`` leaves carrying the
+"config", "metrics"}``). In a multi-process job every process calls save and restore (Orbax
+coordinates the processes and process 0 finalizes the step); a checkpoint restores under
+another process count (the arrays onto the new mesh; the data position through ``seek``).
+Retention: the latest ``keep`` steps plus the best by ``best_metric``. Only finalized
+(atomically renamed) steps are listed; a latest step that fails to restore falls back to the
+previous one. Restoring targets ``jax.ShapeDtypeStruct`` leaves carrying the
 current sharding (any mesh). :class:`PreemptionGuard` turns SIGTERM into a flag the loop polls.
 """
 
@@ -42,6 +45,7 @@ STATE_ITEM = "state"
 DATA_ITER_ITEM = "data_iter"
 META_ITEM = "meta"
 _TMP_STEP_RE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+_ITER_FILE_RE = re.compile(r"^process_(\d+)-of-(\d+)\.json$")  # grain's per-process state
 
 __all__ = [
     "CheckpointConfig", "CheckpointError", "Checkpointer", "PreemptionGuard",
@@ -334,14 +338,16 @@ class Checkpointer:
     restored = self._mgr.restore(int(step), args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
     return restored[META_ITEM]
 
-  def restore(self, abstract_state: Any, *, step: int | None = None,
-              data_iter: Any = None) -> tuple[int, Any, dict | None]:
+  def restore(self, abstract_state: Any, *, step: int | None = None, data_iter: Any = None,
+              seek: Any = None) -> tuple[int, Any, dict | None]:
     """Restores ``(step, state, config)``.
 
     ``abstract_state``: a pytree of ``jax.ShapeDtypeStruct`` with ``.sharding``
     set (see :func:`abstract_like`); the arrays come back with those shardings,
     whatever mesh wrote them.  ``data_iter``: a fresh grain iterator of the same
-    pipeline; its state is set in place to the saved one.
+    pipeline; its state is set in place to the saved one.  ``seek(step)``: positions
+    ``data_iter`` when the checkpoint's iterator states were written by another number of
+    processes (without it, such a step is unusable).
 
     With ``step=None`` the newest step is tried first; a step that fails to
     restore (missing or truncated files, missing items) is logged as a warning
@@ -364,7 +370,7 @@ class Checkpointer:
     errors = []
     for i, s in enumerate(candidates):
       try:
-        return self._restore_step(s, abstract_state, data_iter)
+        return self._restore_step(s, abstract_state, data_iter, seek)
       except Exception as e:  # noqa: BLE001 - any failure makes this step unusable
         errors.append(f"step {s}: {type(e).__name__}: {e}")
         if step is None:
@@ -375,24 +381,45 @@ class Checkpointer:
               f"falling back to step {nxt}" if nxt is not None else "no older step left")
     raise CheckpointError(f"No usable checkpoint in {self.directory}:\n  " + "\n  ".join(errors))
 
-  def _restore_step(self, step: int, abstract_state: Any, data_iter: Any):
+  def _restore_step(self, step: int, abstract_state: Any, data_iter: Any, seek: Any = None):
     step_dir = self.directory / str(step)
     items: dict[str, Any] = {
         STATE_ITEM: ocp.args.StandardRestore(abstract_state),
         META_ITEM: ocp.args.JsonRestore(),
     }
+    seek_to = None
     if data_iter is not None:
       if not (step_dir / DATA_ITER_ITEM).exists():
         raise CheckpointError(f"step {step} has no '{DATA_ITER_ITEM}' item but an iterator "
                               "was given to restore")
-      items[DATA_ITER_ITEM] = _GrainRestore(data_iter)
+      written_by = iterator_process_count(step_dir / DATA_ITER_ITEM)
+      if written_by in (None, jax.process_count()):
+        items[DATA_ITER_ITEM] = _GrainRestore(data_iter)
+      elif seek is None:
+        raise CheckpointError(f"step {step}: the data iterator was saved by {written_by} "
+                              f"processes, this job has {jax.process_count()}")
+      else:
+        seek_to = step
     restored = self._mgr.restore(step, args=ocp.args.Composite(**items))
+    if seek_to is not None:
+      seek(seek_to)
     meta = restored[META_ITEM]
     if not isinstance(meta, Mapping) or int(meta.get("step", -1)) != step:
       raise CheckpointError(f"step {step}: malformed '{META_ITEM}' item: {meta!r}")
     state = restored[STATE_ITEM]
     _check_restored(state, abstract_state)
     return step, state, meta.get("config")
+
+
+def iterator_process_count(directory: epath.Path) -> int | None:
+  """How many processes wrote a ``data_iter`` item (grain writes ``process_<i>-of-<n>.json``
+  per process); None when it holds no such file."""
+  try:
+    names = [p.name for p in epath.Path(directory).iterdir()]
+  except (FileNotFoundError, NotADirectoryError):
+    return None
+  counts = {int(m.group(2)) for m in map(_ITER_FILE_RE.match, names) if m}
+  return counts.pop() if len(counts) == 1 else None
 
 
 def _short(e: Exception, n: int = 300) -> str:

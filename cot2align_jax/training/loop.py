@@ -14,6 +14,14 @@ a Hugging Face checkpoint in `workdir/export`.
 
 Determinism: a run resumed at step N reproduces the uninterrupted run bit for bit on the same
 machine and device count (tests/training/test_loop.py).
+
+Multi-process (docs/architecture.md §16): every process runs this function; each reads its rows
+of every global batch (data/pipeline.py), the hosts pad their batches to common lengths before
+they become one global array, process 0 writes metrics and the export, all processes save and
+restore the Orbax checkpoints. A run continues from a checkpoint written by another process
+count: the data position is the step (one global batch per step). The global batch and its
+order do not depend on the process count, so a two-process run follows the one-process run on
+the same global batch up to the rounding of reordered sums (tests/test_multihost.py).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from cot2align_jax.core import spec
+from cot2align_jax.data import pipeline as pipeline_lib
 from cot2align_jax.evaluation.protocol import SamplingSettings, dev_rouge_l
 from cot2align_jax.losses.methods import build_projectors
 from cot2align_jax.models import hf
@@ -75,13 +84,14 @@ class Schedule:
   log_every: int
 
 
-def _schedule(config, n_records: int, per_host_batch: int, process_count: int,
-              drop_remainder: bool) -> Schedule:
+def _schedule(config, n_records: int, global_batch: int, drop_remainder: bool) -> Schedule:
+  """The run's steps from the record count and the global batch (the same for any number of
+  processes: each step takes one global batch)."""
   t = C.train_config(config)
-  n_host = n_records // process_count if process_count > 1 else n_records
-  if n_host < 1:
+  if n_records < 1:
     raise C.ConfigError("no training records")
-  per_epoch = (n_host // per_host_batch) if drop_remainder else math.ceil(n_host / per_host_batch)
+  per_epoch = (n_records // global_batch) if drop_remainder else math.ceil(n_records /
+                                                                            global_batch)
   per_epoch = max(per_epoch, 1)
   if t.steps > 0:
     total, epochs = int(t.steps), None
@@ -105,6 +115,30 @@ def _make_mesh(config):
     return mesh_lib.make_mesh(**sizes, devices=devices)
   except ValueError as e:
     raise C.ConfigError(f"mesh: {e}") from None
+
+
+def _global_batch(np_batch: dict[str, np.ndarray], pipeline: pipeline_lib.Pipeline,
+                  mesh) -> dict[str, jax.Array]:
+  """This host's numpy batch → the global batch on the mesh. With several processes the hosts
+  first pad their batches to the longest side lengths of all hosts (each host's pipeline picks
+  its bucket from its own rows; a global array needs one shape), which is the padding a
+  one-process pipeline gives the whole global batch."""
+  if jax.process_count() > 1:
+    lengths = pipeline_lib.side_lengths(np_batch)
+    agreed = mesh_lib.process_max([lengths[s] for s in spec.SIDES])
+    np_batch = pipeline_lib.pad_to_lengths(np_batch, dict(zip(spec.SIDES, agreed)),
+                                           pipeline.collate.pad_ids)
+  return mesh_lib.shard_batch(np_batch, mesh)
+
+
+def _seek(data_iter, step: int) -> None:
+  """Puts a fresh in-process iterator at global batch `step` (a checkpoint written by another
+  number of processes: its per-process iterator files do not apply, the position does)."""
+  state = data_iter.get_state()
+  if not (isinstance(state, dict) and set(state) == {"next_index"}):
+    raise C.ConfigError("this checkpoint was written by another number of processes; continuing "
+                        "it needs the in-process pipeline (data.worker_count=0)")
+  data_iter.set_state({"next_index": int(step)})
 
 
 def _global_stop(flag: bool) -> bool:
@@ -174,7 +208,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                  mesh)
 
     # Data.
-    sched = _schedule(config, len(problem.train_records), per_host_batch, process_count,
+    sched = _schedule(config, len(problem.train_records), global_pipe.batch_size,
                       global_pipe.drop_remainder)
     pipe_cfg = dataclasses.replace(global_pipe, batch_size=per_host_batch,
                                    num_epochs=sched.num_epochs)
@@ -206,7 +240,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     start_step, resumed = 0, False
     if ckpt.latest_step() is not None:
       abstract = ckpt_lib.abstract_like(state, s_shard)
-      start_step, state, saved_cfg = ckpt.restore(abstract, data_iter=data_iter)
+      start_step, state, saved_cfg = ckpt.restore(abstract, data_iter=data_iter,
+                                                  seek=lambda step: _seek(data_iter, step))
       resumed = True
       _warn_config_drift(saved_cfg, config)
       log.info("resumed from %s at step %d", workdir / CKPT_DIR, start_step)
@@ -234,7 +269,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         for i, b in enumerate(dev_pipeline):
           if train_cfg.eval_batches and i >= train_cfg.eval_batches:
             break
-          window.append(eval_step(state, teacher_params, mesh_lib.shard_batch(b, mesh)))
+          window.append(eval_step(state, teacher_params, _global_batch(b, dev_pipeline, mesh)))
         out.update({f"dev/{k}": v for k, v in reduce_metrics(window).items()})
       if dev_metric_fn is not None:
         model = nnx.merge(student_gd, state.params)
@@ -268,7 +303,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           log.warning("the data ran out at step %d of %d", step, sched.total_steps)
           break
         tokens += _batch_tokens(np_batch)
-        state, metrics = train_step(state, teacher_params, mesh_lib.shard_batch(np_batch, mesh))
+        state, metrics = train_step(state, teacher_params,
+                                    _global_batch(np_batch, pipeline, mesh))
         window.append(metrics)
         step += 1
         if step % sched.log_every == 0 or step == sched.total_steps:

@@ -12,12 +12,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 
 from cot2align_jax.losses.methods import build_projectors, method_from_config
 from cot2align_jax.models import hf
 from cot2align_jax.training import checkpoint as ckpt_lib
 from cot2align_jax.training import config as C
+from cot2align_jax.training import mesh as mesh_lib
 from cot2align_jax.training import setup
 from cot2align_jax.training import state as state_lib
 
@@ -110,12 +112,21 @@ def train_state_from_checkpoint(config, ckpt_dir, which: str = "latest") -> Rest
         step = int(which)
       except ValueError:
         raise RestoreError(f"--checkpoint must be latest, best or a step, got {which!r}") from None
-    step, state, _ = ckpt.restore(ckpt_lib.abstract_like(state), step=step)
+    step, state, _ = ckpt.restore(ckpt_lib.abstract_like(state, _restore_sharding()), step=step)
   except ckpt_lib.CheckpointError as e:
     raise RestoreError(str(e).split("\n")[0]) from None
   finally:
     ckpt.close()
   return RestoredRun(state, student_gd, proj_gd, tok, step)
+
+
+def _restore_sharding():
+  """Where a read-only restore puts the arrays: this process's first device, or in a
+  multi-process job the whole state replicated over every device of the job (each process
+  then holds all of it; a single-device target would not be one global array)."""
+  if jax.process_count() == 1:
+    return None
+  return mesh_lib.replicated(mesh_lib.make_mesh(data=-1))
 
 
 def student_from_checkpoint(config, ckpt_dir, which: str = "latest"):

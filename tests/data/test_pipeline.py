@@ -139,11 +139,18 @@ def test_shuffle_seeded(toks):
 
 
 def test_host_sharding(toks):
-  parts = [_order(toks, shard_index=i, shard_count=5, even_shards=False) for i in range(5)]
-  flat = [i for p in parts for i in p]
-  assert sorted(flat) == list(range(12)) and len(flat) == len(set(flat))
-  even = [_order(toks, shard_index=i, shard_count=5) for i in range(5)]
-  assert {len(p) for p in even} == {2}
+  """Host i of 5 takes rows [2i, 2i+2) of every global batch of 10: every record once, the same
+  batch count on every host (padding rows past the short last batch), and the hosts' batches
+  concatenated in order are the one-host global batches."""
+  parts = [batches(make_records(12), toks, batch_size=2, shard_index=i, shard_count=5)
+           for i in range(5)]
+  one = batches(make_records(12), toks, batch_size=10)
+  assert {len(p) for p in parts} == {len(one)} == {2}
+  flat = [int(i) for p in parts for b in p for i in b["example_id"] if i >= 0]
+  assert sorted(flat) == list(range(12))
+  for k, b in enumerate(one):
+    np.testing.assert_array_equal(np.concatenate([p[k]["example_id"] for p in parts]),
+                                  b["example_id"])
   with pytest.raises(ValueError, match="shard index"):
     batches(make_records(3), toks, shard_index=5, shard_count=5)
 

@@ -47,8 +47,12 @@ def test_logical_spec_rules_and_fallbacks():
   assert mesh_lib.logical_spec(("vocab", "embed"), m1) == P(None, None)
 
 
+TIMEOUTS = dict(heartbeat_timeout_seconds=100, initialization_timeout=300)  # mesh.py defaults
+
+
 @needs8
 def test_maybe_initialize_distributed_single_host(monkeypatch):
+  monkeypatch.setenv("COT2ALIGN_PEER_RELAY", "0")  # keep this process's stderr as it is
   for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS",
             "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"):
     monkeypatch.delenv(k, raising=False)
@@ -57,12 +61,14 @@ def test_maybe_initialize_distributed_single_host(monkeypatch):
     init.assert_not_called()
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
     assert mesh_lib.maybe_initialize_distributed() is True
-    init.assert_called_once_with(coordinator_address="10.0.0.1:1234")
+    init.assert_called_once_with(coordinator_address="10.0.0.1:1234", **TIMEOUTS)
 
 
 def test_maybe_initialize_distributed_passes_jax_env(monkeypatch):
   """jax's own detection reads the coordinator but not the process count / id: both are passed;
   a TPU pod slice sets only JAX_NUM_PROCESSES (the rest comes from the TPU metadata)."""
+  monkeypatch.setenv("COT2ALIGN_PEER_RELAY", "0")
+  monkeypatch.setenv("COT2ALIGN_HEARTBEAT_TIMEOUT", "15")
   for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS",
             "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
             "COT2ALIGN_DISTRIBUTED"):
@@ -75,13 +81,15 @@ def test_maybe_initialize_distributed_passes_jax_env(monkeypatch):
        mock.patch.object(jax, "process_count", return_value=4):
     assert mesh_lib.maybe_initialize_distributed() is True
     init.assert_called_once_with(coordinator_address="10.0.0.1:1234", num_processes=4,
-                                 process_id=3)
+                                 process_id=3, heartbeat_timeout_seconds=15,
+                                 initialization_timeout=300)
   monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
   monkeypatch.delenv("JAX_PROCESS_ID")
   with mock.patch.object(jax.distributed, "initialize") as init, \
        mock.patch.object(jax, "process_count", return_value=4):
     assert mesh_lib.maybe_initialize_distributed() is True
-    init.assert_called_once_with(num_processes=4)
+    init.assert_called_once_with(num_processes=4, heartbeat_timeout_seconds=15,
+                                 initialization_timeout=300)
   with mock.patch.object(jax.distributed, "is_initialized", return_value=True), \
        mock.patch.object(jax.distributed, "initialize") as init:
     assert mesh_lib.maybe_initialize_distributed() is True
