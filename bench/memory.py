@@ -6,6 +6,7 @@ Run from the repository root (the GGUF models installed: configs/real/README.md)
 
   python bench/memory.py                      # Gemma-3-270M -> SmolLM2-135M, batch 8 x 512
   python bench/memory.py --time               # + step times at 4 x 256 (~1 min/step on a CPU)
+  python bench/memory.py --time --no-compiled  # the step times only
   python bench/memory.py --config configs/tiny.py:cot2align --batch 4 --seq 64   # a quick look
 
 Programs compiled (one device, each from the models' config.json via the memory planner,
@@ -20,10 +21,11 @@ softmaxes, divergences, DSKD projections, OT) adds. The JSON reports every progr
 memory analysis, the planner's per-device peak, and loss_part_ratio = full's loss part /
 chunked's (the target is >= 4).
 
---time: each variant (full, chunked; a teacher cache when this version has one, else recorded
-as not available) runs --steps steps after one warm-up on random weights at --time-batch x
---time-seq, in float32 (the `cpu` run's dtypes: bf16 is not faster on a CPU); median seconds
-per step. JSON to --out (default bench/results/memory.json).
+--time: each variant (full, chunked, and cached = chunked with the teacher's states read from a
+teacher cache, teacher.cache, instead of its forward) runs --steps steps after one warm-up on
+random weights (random cached states) at --time-batch x --time-seq, in float32 (the `cpu` run's
+dtypes: bf16 is not faster on a CPU); median seconds per step, and each variant's speed-up over
+`full`. JSON to --out (default bench/results/memory.json).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def _parser():
   p.add_argument("--seq", type=int, default=512, help="positions per view (512)")
   p.add_argument("--chunk", type=int, default=8192, help="kd.vocab_chunk of 'chunked' (8192)")
   p.add_argument("--time", action="store_true", help="also time the steps on this machine")
+  p.add_argument("--no-compiled", dest="compiled", action="store_false",
+                 help="skip the compiled-memory programs (with --time: the timings only)")
   p.add_argument("--time-config", default=TIME_CONFIG, help="config of the timed steps")
   p.add_argument("--time-batch", type=int, default=4)
   p.add_argument("--time-seq", type=int, default=256)
@@ -62,7 +66,7 @@ def _parser():
   return p
 
 
-def _config(spec: str, batch: int, seq: int, chunk: int | None):
+def _config(spec: str, batch: int, seq: int, chunk: int | None, cache: bool = False):
   from cot2align_jax.training import config as C
   path, arg = C.split_config_arg(spec)
   cfg = C.load_config(path, arg)
@@ -73,6 +77,8 @@ def _config(spec: str, batch: int, seq: int, chunk: int | None):
   C.set_key(cfg, "mesh.data", 1)
   if chunk is not None:
     C.set_key(cfg, "kd.vocab_chunk", chunk)
+  if cache:
+    C.set_key(cfg, "teacher.cache", "planned")  # the step reads the states from the batch
   return cfg
 
 
@@ -206,6 +212,9 @@ def _random_arrays(problem):
     batch[spec.align_key(f)] = np.zeros((b, length), np.int32)
   batch["has_pair"] = np.arange(b) % 2 == 0
   batch["example_id"] = np.arange(b, dtype=np.int32)
+  for k, x in problem.batch.items():
+    if k not in batch:  # teacher-cache states
+      batch[k] = rng.standard_normal(x.shape).astype(x.dtype)
   return state, tparams, mesh_lib.shard_batch(batch, problem.mesh)
 
 
@@ -215,14 +224,10 @@ def timed_rows(args, log=print) -> dict[str, Any]:
   devices = jax.devices()[:1]
   out: dict[str, Any] = {"config": args.time_config, "batch": args.time_batch,
                          "seq": args.time_seq, "steps": args.steps}
-  variants = [("full", 0 if P.has_vocab_chunk() else None)]
-  if P.has_vocab_chunk():
-    variants.append(("chunked", args.chunk))
-  keys = P.teacher_cache_keys()
-  out["teacher_cache"] = ({"available": True, "keys": keys} if keys else
-                          {"available": False, "why": "this version has no teacher cache"})
-  for name, chunk in variants:
-    cfg = _config(args.time_config, args.time_batch, args.time_seq, chunk)
+  variants = [("full", 0, False), ("chunked", args.chunk, False),
+              ("cached", args.chunk, True)]
+  for name, chunk, cache in variants:
+    cfg = _config(args.time_config, args.time_batch, args.time_seq, chunk, cache)
     problem = P.build_abstract(cfg, devices)
     t0 = time.perf_counter()
     compiled = P.train_step(problem).lower(problem.state, problem.teacher_params,
@@ -237,10 +242,12 @@ def timed_rows(args, log=print) -> dict[str, Any]:
       if i:
         times.append(time.perf_counter() - t0)
       loss = float(m["loss"][0] / m["loss"][1])
-    out[name] = {"vocab_chunk": chunk, "compile_s": compile_s, "step_s": statistics.median(times),
-                 "times": times, "loss": loss}
-    log(f"  {name:8s} {out[name]['step_s']:8.2f} s/step  (compile {compile_s:.0f} s, "
-        f"loss {loss:.4f})")
+    out[name] = {"vocab_chunk": chunk, "teacher_cache": cache, "compile_s": compile_s,
+                 "step_s": statistics.median(times), "times": times, "loss": loss}
+    out[name]["speedup_vs_full"] = out["full"]["step_s"] / out[name]["step_s"]
+    row = out[name]
+    log(f"  {name:8s} {row['step_s']:8.2f} s/step  x{row['speedup_vs_full']:.2f} vs full  "
+        f"(compile {compile_s:.0f} s, loss {loss:.4f})")
     del state, tparams, batch, compiled
   return out
 
@@ -258,8 +265,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "platform": device.platform, "device_kind": device.device_kind,
             "host": platform.node(), "jax": jax.__version__, "flax": flax.__version__,
-            "config": args.config, "chunk": args.chunk,
-            "compiled": cli.guarded(lambda: compiled_rows(args), errors)}
+            "config": args.config, "chunk": args.chunk}
+  if args.compiled:
+    result["compiled"] = cli.guarded(lambda: compiled_rows(args), errors)
   if args.time:
     print(f"[time] {args.time_config}: batch {args.time_batch} x {args.time_seq}")
     result["timed"] = cli.guarded(lambda: timed_rows(args), errors)

@@ -119,13 +119,6 @@ def has_vocab_chunk() -> bool:
   return "vocab_chunk" in C.defaults().kd
 
 
-def teacher_cache_keys() -> list[str]:
-  """Config keys of a teacher cache, if this version has one (any key naming a cache under
-  teacher / kd / data); [] when there is none."""
-  return [k for k in config_keys(C.defaults())
-          if k.split(".")[0] in ("teacher", "kd", "data") and "cache" in k.split(".")[-1]]
-
-
 # --------------------------------------------------------------------------------------------
 # The abstract problem
 # --------------------------------------------------------------------------------------------
@@ -153,6 +146,7 @@ class Abstract:
   vocab_map: np.ndarray | None
   seq_len: int
   memory: dict[str, int] | None = None   # compiled_memory of the step, once compiled
+  cache_layout: Any = None               # the teacher-cache layout the step reads, or None
 
 
 def abstract_batch(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -235,11 +229,19 @@ def build_abstract(config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
     t_shard = mesh_lib.state_shardings(teacher_params, mesh)
   seq_len = max(int(b) for b in pipe.buckets)
   batch = abstract_batch(pipe.batch_size, seq_len)
+  cache_layout = None
+  if C.model_spec(config, "teacher").cache and t_cfg is not None:
+    # the batch carries the teacher's states (bfloat16, the cache's default) instead
+    cache_layout = steps_lib.teacher_cache_layout(method, kd_cfg, t_cfg.num_layers,
+                                                  t_cfg.hidden_size)
+    for k, (d, dtype) in cache_layout.fields().items():
+      batch[k] = jax.ShapeDtypeStruct((pipe.batch_size, seq_len, d), dtype)
   vocab_map = (np.zeros((t_cfg.vocab_size,), np.int32)
                if method.needs_vocab_map and t_cfg is not None else None)
   return Abstract(config, method, kd_cfg, opt_cfg, s_cfg, t_cfg, optimizer, mesh, state,
                   (student_gd, teacher_gd, proj_gd), teacher_params, batch, s_shard, t_shard,
-                  mesh_lib.batch_shardings(batch, mesh), vocab_map, seq_len)
+                  mesh_lib.batch_shardings(batch, mesh), vocab_map, seq_len,
+                  cache_layout=cache_layout)
 
 
 def train_step(problem: Abstract, *, compiler_options: Mapping[str, Any] | None = None):
@@ -249,7 +251,7 @@ def train_step(problem: Abstract, *, compiler_options: Mapping[str, Any] | None 
       s_gd, t_gd, p_gd, problem.method, problem.kd_cfg, problem.optimizer, mesh=problem.mesh,
       state_shardings=problem.state_shardings, teacher_shardings=problem.teacher_shardings,
       batch_shardings=problem.batch_shardings, vocab_map=problem.vocab_map,
-      accumulate=problem.opt_cfg.accumulate,
+      accumulate=problem.opt_cfg.accumulate, teacher_cache=problem.cache_layout,
       compiler_options=dict(compiler_options) if compiler_options is not None else None)
 
 
@@ -413,6 +415,11 @@ def persistent_bytes(problem: Abstract, data: int, fsdp: int, tensor: int) -> di
           "batch": batch}
 
 
+CACHE_FLAG = "--config.teacher.cache=DIR (python -m cot2align_jax.cache_teacher)"
+CACHE_NOTE = ("no teacher forward in the step (its temporaries and time); the teacher's "
+              "parameters stay for its embedding and head; the batch carries its states")
+
+
 @dataclasses.dataclass
 class Lever:
   """One change that would lower the per-device peak."""
@@ -434,7 +441,8 @@ def estimate_levers(problem: Abstract, parts: Mapping[str, int],
                     mem: Mapping[str, int]) -> list[Lever]:
   """Levers estimated from the breakdown (no compile): mesh moves by exact shard sizes with
   the temporaries unchanged; accumulate k: temporaries ≈ (temp − G)/k + 2G (G = the gradient's
-  bytes, kept and summed over micro-batches); a teacher cache: the teacher's parameters gone.
+  bytes, kept and summed over micro-batches); a teacher cache is left to `--levers=compile`
+  (it removes the teacher's forward, not its parameters).
   remat and vocab_chunk are left to `--levers=compile`."""
   data, fsdp, tensor = _mesh_sizes(problem)
   peak, temp = mem["peak"], mem["temp"]
@@ -471,14 +479,9 @@ def estimate_levers(problem: Abstract, parts: Mapping[str, int],
       out.append(Lever("accumulate", f"--config.optim.accumulate={total}",
                        int(peak - temp + new_temp), "estimate",
                        f"{total} micro-batches of {rows // total} rows"))
-  if parts["teacher"]:
-    keys = teacher_cache_keys()
-    out.append(Lever("teacher_cache", " ".join(f"--config.{k}=..." for k in keys) or "-",
-                     peak - parts["teacher"] if keys else None,
-                     "estimate" if keys else "not available",
-                     f"would save the teacher's {fmt_bytes(parts['teacher'])} per device and "
-                     "its forward" + ("" if keys else
-                                      "; this version has no teacher cache (no config key)")))
+  if parts["teacher"] and problem.cache_layout is None:
+    out.append(Lever("teacher_cache", CACHE_FLAG, None, "compile it (--levers=compile)",
+                     CACHE_NOTE))
   return out
 
 
@@ -519,17 +522,16 @@ def compiled_levers(problem: Abstract, devices: Sequence[jax.Device],
   else:
     out.append(Lever("vocab_chunk", "-", None, "not available",
                      "this version's KDConfig has no kd.vocab_chunk"))
+  if problem.teacher_cfg is not None and problem.cache_layout is None:
+    tries.append(("teacher_cache", {"teacher.cache": "planned"}, CACHE_FLAG))
   for name, overrides, flag in tries:
     log(f"compiling with {flag} ...")
     try:
       other = build_abstract(_overridden(problem.config, overrides), devices, table=table)
-      out.append(Lever(name, flag, step_memory(other)["peak"], "compiled"))
+      out.append(Lever(name, flag, step_memory(other)["peak"], "compiled",
+                       CACHE_NOTE if name == "teacher_cache" else ""))
     except (C.ConfigError, ValueError) as e:
       out.append(Lever(name, flag, None, "not possible", cli.one_line(e)))
-  parts = breakdown(problem)
-  if parts["teacher"]:
-    out += [lv for lv in estimate_levers(problem, parts, step_memory(problem))
-            if lv.name == "teacher_cache"]
   return out
 
 

@@ -25,6 +25,7 @@ from absl import app, flags
 
 from cot2align_jax.core import cli
 from cot2align_jax.data.records import DataError
+from cot2align_jax.data.teacher_cache import CacheError
 from cot2align_jax.models.config import ModelError
 from cot2align_jax.training import cli_flags
 from cot2align_jax.training import config as C
@@ -40,7 +41,7 @@ _WORKDIR = cli.define_once(flags.DEFINE_string, "workdir", None,
 # Bad input: one line on stderr, exit 2.
 # DistributedError: the processes of a multi-process job could not join (launch/README.md).
 INPUT_ERRORS = (C.ConfigError, ModelError, DataError, CheckpointError, FileNotFoundError,
-                DistributedError)
+                DistributedError, CacheError)
 
 
 def main(argv: list[str]) -> None:

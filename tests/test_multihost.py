@@ -12,6 +12,7 @@ One shared set of runs (module fixtures, one persistent compilation cache):
   the rounding of reordered sums.
 * a 1-process run continuing the two-process checkpoint of step 8; evaluate (from the
   checkpoint) and generate_cot, each as 1 and as 2 processes: the same scores and texts.
+* cache_teacher as 1 and as 2 processes (the same states), and a 2-process run from the cache.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cot2align_jax.data import teacher_cache
 from cot2align_jax.data.pipeline import Pipeline
 from cot2align_jax.models import from_pretrained, params_of
 from cot2align_jax.training import peer_loss
@@ -228,6 +230,39 @@ def test_hosts_see_every_record_of_an_epoch_once():
   assert all(i >= 0 for h in hosts for b in h for i in b)  # no padding rows in full batches
   for b0, b1, b in zip(*hosts, one):
     np.testing.assert_array_equal(np.concatenate([b0, b1]), b)
+
+
+def test_teacher_cache_of_two_processes(env, reference, tmp_path):
+  """cache_teacher as 2 processes: each writes its own shard's rows; the cache holds every
+  record once with the one-process cache's states, and a 2-process run trained from it
+  follows the online reference (float32 states: equal up to reordered sums)."""
+  caches = {}
+  for n in (1, 2):
+    out = tmp_path / f"cache{n}"
+    results = run(env, "cot2align_jax.cache_teacher",
+                  ["--config=configs/tiny.py:cot2align", f"--out={out}", "--dtype=float32"], n)
+    assert sum(summary(r)["records"] for r in results) == len(_train_records())
+    caches[n] = teacher_cache.TeacherCache.open(out)
+  assert sorted(p.name for p in (tmp_path / "cache2").glob("*.done.json")) == [
+      "host000.done.json", "host001.done.json"]
+  one, two = caches[1], caches[2]
+  assert one.index.keys() == two.index.keys() and len(one) == len(_train_records())
+  for key in one.index:
+    a, b = (c.entry(key // 2, bool(key % 2)) for c in (one, two))
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=f"{key} {k}")
+  work = tmp_path / "cached_run"
+  run(env, "cot2align_jax.train", TRAIN + [f"--workdir={work}",
+                                            f"--config.teacher.cache={tmp_path / 'cache2'}"], 2)
+  got, want = metrics(work), metrics(reference)
+  assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4)
+
+
+def _train_records():
+  config = C.load_config("configs/tiny.py", "cot2align")
+  return setup.build_problem(config, False).train_records
 
 
 def _eval_args(workdir):

@@ -1,5 +1,6 @@
 """Own data end to end through the CLIs (README "Train on your own data"): train a
-cross-tokenizer student on a JSONL file, evaluate it on a chat file, write rationales for it.
+cross-tokenizer student on a JSONL file, evaluate it on a chat file, write rationales for it,
+cache its teacher and train from the cache.
 The models are the demo's random initialisations (its data stage, ci size)."""
 
 import json
@@ -55,6 +56,19 @@ def test_train_and_evaluate_on_own_files(models, tmp_path):
               "--max_new_tokens=4", *_overrides(models))
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert {json.loads(l)["id"] for l in out.read_text().splitlines()} == {"a1", "a3"}
+  # the teacher cache of the own file, and training from it: the online run's losses
+  cache = tmp_path / "tcache"
+  proc = _run("cot2align_jax.cache_teacher", config, f"--out={cache}", "--dtype=float32",
+              *_overrides(models))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["records"] == 3
+  cached = tmp_path / "cached"
+  proc = _run("cot2align_jax.train", config, f"--workdir={cached}",
+              *_overrides(models, **{"teacher.cache": str(cache)}))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  losses = [[json.loads(l)["loss"] for l in (w / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["split"] == "train"] for w in (work, cached)]
+  assert losses[0] and losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@
 Stages: records -> seeded shuffle (reshuffled each epoch) -> repeat -> this host's rows of every
 global batch (`HostRowsMapDataset`: host h of P takes rows [h·B, (h+1)·B) of each global batch
 of P·B records, so the global batch is the same whatever the process count) -> per record: main and pair view tokenized by both tokenizers + the main view's alignment arrays
-(`RowBuilder`, unpadded 1-D rows) -> batch of `batch_size` rows padded per side to the smallest
+(`RowBuilder`, unpadded 1-D rows) -> with a teacher cache, the row's cached teacher states
+(data/teacher_cache.py) -> batch of `batch_size` rows padded per side to the smallest
 bucket >= the side's longest row, a short last batch filled with example_id -1 rows (`Collate`)
 -> thread prefetch -> optional grain worker processes (`worker_count`).
 
@@ -30,6 +31,7 @@ from absl import flags
 
 from cot2align_jax.alignment import mined, spans
 from cot2align_jax.core import spec
+from cot2align_jax.data import teacher_cache as cache_lib
 from cot2align_jax.data.tokenize import (TokenizedView, check_special_tokens, pad_id,
                                          tokenize_view)
 
@@ -338,12 +340,15 @@ class Collate:
 
   input_ids are padded with the side's pad id, every other field with 0; missing rows (short last
   batch, PAD_ROW elements of a host's share of one) have example_id -1, has_pair False and all
-  masks 0.
+  masks 0. `cache_fields` {key: (d, dtype)}: teacher-cache rows [n, d] (data/teacher_cache.py)
+  become [B, Lt, d] arrays, zero-padded.
   """
 
-  def __init__(self, pad_ids: dict[str, int], config: PipelineConfig):
+  def __init__(self, pad_ids: dict[str, int], config: PipelineConfig,
+               cache_fields: dict[str, tuple[int, Any]] | None = None):
     self.pad_ids = pad_ids
     self.config = config
+    self.cache_fields = dict(cache_fields or {})
 
   def side_length(self, rows: Sequence[dict[str, Any]], side: str) -> int:
     """The bucket length of one side: the smallest bucket ≥ its longest row over both views."""
@@ -363,6 +368,11 @@ class Collate:
           batch[spec.key(v, s, f)] = _stack(rows, spec.key(v, s, f), b, lengths[s], fill)
     for f in spec.ALIGN_FIELDS:
       batch[spec.align_key(f)] = _stack(rows, spec.align_key(f), b, lengths["student"], 0)
+    for k, (d, dtype) in self.cache_fields.items():
+      out = np.zeros((b, lengths["teacher"], d), dtype)
+      for r, row in enumerate(rows):
+        out[r, :len(row[k])] = row[k]
+      batch[k] = out
     batch["has_pair"] = np.zeros((b,), np.bool_)
     batch["has_pair"][:len(rows)] = [r["has_pair"] for r in rows]
     batch["example_id"] = np.full((b,), -1, np.int32)
@@ -389,6 +399,7 @@ def pad_to_lengths(batch: dict[str, np.ndarray], lengths: dict[str, int],
                    pad_ids: dict[str, int]) -> dict[str, np.ndarray]:
   """The batch with each side's [B, L] arrays right-padded to `lengths[side]` (≥ L): input_ids
   with the side's pad id, every other field with 0; the alignment arrays follow the student.
+  Teacher-cache arrays [B, Lt, d] follow the teacher, zero-padded.
   The hosts of a multi-process job pad their batches to the longest side lengths of all hosts,
   which is what a one-process pipeline over the global batch produces."""
   def pad(a: np.ndarray, length: int, fill: int) -> np.ndarray:
@@ -396,7 +407,8 @@ def pad_to_lengths(batch: dict[str, np.ndarray], lengths: dict[str, int],
       raise ValueError(f"cannot pad a length-{a.shape[1]} batch down to {length}")
     if a.shape[1] == length:
       return a
-    return np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=fill)
+    widths = ((0, 0), (0, length - a.shape[1])) + ((0, 0),) * (a.ndim - 2)
+    return np.pad(a, widths, constant_values=fill)
 
   out = dict(batch)
   for v in spec.VIEWS:
@@ -407,6 +419,9 @@ def pad_to_lengths(batch: dict[str, np.ndarray], lengths: dict[str, int],
   for f in spec.ALIGN_FIELDS:
     k = spec.align_key(f)
     out[k] = pad(batch[k], lengths["student"], 0)
+  for k in batch:
+    if k.startswith(cache_lib.PREFIX):
+      out[k] = pad(batch[k], lengths["teacher"], 0)
   return out
 
 
@@ -439,7 +454,8 @@ class Pipeline:
 
   def __init__(self, source: Sequence[Any], student_tok, teacher_tok,
                config: PipelineConfig = PipelineConfig(), *,
-               mined_vocab_map: np.ndarray | None = None):
+               mined_vocab_map: np.ndarray | None = None,
+               teacher_cache: cache_lib.TeacherCache | None = None):
     config.validate()
     missing = set(config.alignment) - set(available_alignments())
     if missing:
@@ -448,8 +464,9 @@ class Pipeline:
     self.source = source
     self.config = config
     self.row_builder = RowBuilder(student_tok, teacher_tok, config, mined_vocab_map)
+    self.teacher_cache = teacher_cache
     self.collate = Collate({"student": pad_id(student_tok), "teacher": pad_id(teacher_tok)},
-                           config)
+                           config, teacher_cache.fields if teacher_cache is not None else None)
 
   def records(self) -> grain.MapDataset:
     """This host's records (before tokenization): the shuffled (per epoch) and repeated stream,
@@ -472,6 +489,8 @@ class Pipeline:
     """The whole pipeline as a grain IterDataset of batches."""
     c = self.config
     ds = self.records().map(self.row_builder)
+    if self.teacher_cache is not None:
+      ds = ds.map(self.teacher_cache)
     ds = ds.batch(c.batch_size, drop_remainder=c.drop_remainder, batch_fn=self.collate)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=c.read_threads,
                                                  prefetch_buffer_size=c.prefetch_buffer))

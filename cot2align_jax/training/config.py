@@ -69,7 +69,9 @@ class ModelSpec:
   dtype; init: "pretrained" | "random"; remat: rematerialise the blocks; valid_vocab_size:
   logits past it are -inf (0 = all rows, -1 = the tokenizer's length when the embedding has
   padding rows, as Qwen's); sharding: "rules" (logical-axis rules over the mesh, FSDP/tensor)
-  or "replicated" (a full copy on every device: small teachers, no gathers in the step).
+  or "replicated" (a full copy on every device: small teachers, no gathers in the step);
+  cache (teacher only): a teacher cache directory (python -m cot2align_jax.cache_teacher) that
+  the train step reads instead of running the teacher forward ("" = off).
   """
   path: str = ""
   tiny: str = ""
@@ -80,6 +82,7 @@ class ModelSpec:
   valid_vocab_size: int = 0
   lora: LoRAConfig = LoRAConfig()
   sharding: str = "rules"
+  cache: str = ""
 
   def __post_init__(self):
     if self.init not in ("pretrained", "random"):
@@ -559,6 +562,8 @@ def model_spec(cfg: ml_collections.ConfigDict, side: str) -> ModelSpec:
   if lora.enabled and side != "student":
     raise ConfigError(f"{side}.lora.enabled=True: the {side} is frozen; LoRA applies to the "
                       "student only")
+  if spec.cache and side != "teacher":
+    raise ConfigError(f"{side}.cache: only the teacher's forward can be cached")
   try:
     lora_overrides(spec)
   except ConfigError as e:

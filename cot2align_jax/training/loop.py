@@ -54,6 +54,7 @@ from cot2align_jax.training import mesh as mesh_lib
 from cot2align_jax.training import setup
 from cot2align_jax.training import state as state_lib
 from cot2align_jax.training import steps as steps_lib
+from cot2align_jax.training import teacher_cache
 from cot2align_jax.training.metrics import MetricWriter, reduce_metrics
 
 log = logging.getLogger(__name__)
@@ -213,8 +214,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     pipe_cfg = dataclasses.replace(global_pipe, batch_size=per_host_batch,
                                    num_epochs=sched.num_epochs)
     vocab_map = setup.mined_vocab_map(method, problem)
+    cache, cache_layout = teacher_cache.open_for_run(config, method, kd_cfg, problem.teacher_tok,
+                                                     problem.teacher, problem.train_records)
     pipeline, dev_pipeline = setup.build_pipelines(problem, pipe_cfg, vocab_map,
-                                                   with_dev=bool(sched.eval_every))
+                                                   with_dev=bool(sched.eval_every),
+                                                   teacher_cache=cache)
 
     # State.
     opt_cfg = C.optim_config(config, derived_steps=sched.total_steps)
@@ -249,7 +253,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     train_step = steps_lib.make_train_step(
         student_gd, teacher_gd, proj_gd, method, kd_cfg, optimizer, mesh=mesh,
         state_shardings=s_shard, teacher_shardings=t_shard, vocab_map=vocab_map,
-        accumulate=opt_cfg.accumulate)
+        accumulate=opt_cfg.accumulate, teacher_cache=cache_layout)
     eval_step = steps_lib.make_eval_step(
         student_gd, teacher_gd, proj_gd, method, kd_cfg, mesh=mesh, state_shardings=s_shard,
         teacher_shardings=t_shard, vocab_map=vocab_map)

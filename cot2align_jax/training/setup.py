@@ -28,6 +28,7 @@ from cot2align_jax.alignment.mined import build_mined_vocab_map
 from cot2align_jax.data import arith, files, sources
 from cot2align_jax.data import records as R
 from cot2align_jax.data.pipeline import Pipeline, PipelineConfig
+from cot2align_jax.data.teacher_cache import TeacherCache
 from cot2align_jax.losses.methods import METHODS, KDConfig, Method
 from cot2align_jax.models import gguf, hf
 from cot2align_jax.models.config import ModelConfig, ModelError
@@ -379,11 +380,14 @@ def mined_vocab_map(method: Method, problem: Problem) -> np.ndarray | None:
 
 
 def build_pipelines(problem: Problem, pipe_cfg: PipelineConfig, vocab_map: np.ndarray | None,
-                    *, with_dev: bool) -> tuple[Pipeline, Pipeline | None]:
-  """The training pipeline (`pipe_cfg`: this host's batch and epochs) and, with `with_dev` and
-  dev records, the dev pipeline (one unshuffled pass, last batch padded, in-process)."""
+                    *, with_dev: bool, teacher_cache: TeacherCache | None = None
+                    ) -> tuple[Pipeline, Pipeline | None]:
+  """The training pipeline (`pipe_cfg`: this host's batch and epochs; its rows carry the
+  teacher's cached states with `teacher_cache`) and, with `with_dev` and dev records, the dev
+  pipeline (one unshuffled pass, last batch padded, in-process, no cache: the dev loss runs the
+  teacher)."""
   pipeline = Pipeline(problem.train_records, problem.student_tok, problem.teacher_tok,
-                      pipe_cfg, mined_vocab_map=vocab_map)
+                      pipe_cfg, mined_vocab_map=vocab_map, teacher_cache=teacher_cache)
   dev_pipeline = None
   if problem.dev_records and with_dev:
     dev_cfg = dataclasses.replace(pipe_cfg, shuffle=False, num_epochs=1, drop_remainder=False,

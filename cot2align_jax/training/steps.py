@@ -32,8 +32,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cot2align_jax.core import spec
 from cot2align_jax.core.numerics import F32
+from cot2align_jax.data.teacher_cache import CacheLayout, batch_key
 from cot2align_jax.losses.methods import KDConfig, LossInputs, Method, objective, ot_config
-from cot2align_jax.losses.ot_layers import hidden_states_request
+from cot2align_jax.losses.ot_layers import hidden_states_request, state_index
 from cot2align_jax.losses.vocab_chunk import head_spec
 from cot2align_jax.models.transformer import ModelOutput
 from cot2align_jax.training import mesh as mesh_lib
@@ -55,6 +56,27 @@ def hidden_states_needed(method: Method, kd_cfg: KDConfig) -> str:
   return hidden_states_request(ot_config(kd_cfg, method).layers) if method.ot else "ends"
 
 
+def teacher_cache_layout(method: Method, kd_cfg: KDConfig, num_layers: int, hidden_size: int,
+                         dtype: str = "bfloat16") -> CacheLayout:
+  """What a teacher cache must hold for this method: the main view (and the paired view when
+  the OT terms read the teacher's), the final state and the OT block's teacher layers, as
+  indices into the forward's hidden_states ("ends": 2 states, "all": num_layers + 1)."""
+  _, need_t_pair = pair_views_needed(method, kd_cfg)
+  num_states = 2 if hidden_states_needed(method, kd_cfg) == "ends" else num_layers + 1
+  indices = {num_states - 1}
+  if method.ot:
+    indices.update(state_index(l, "teacher", num_states) for l in ot_config(kd_cfg, method).layers)
+  views = ("main", "pair") if need_t_pair else ("main",)
+  return CacheLayout(views, tuple(sorted(indices)), num_states, hidden_size, dtype)
+
+
+def cached_states(batch, view: str, layout: CacheLayout) -> tuple[jax.Array | None, ...]:
+  """The teacher's hidden_states tuple of `view` from a batch's teacher-cache arrays (float32;
+  None at the indices the method does not read)."""
+  return tuple(batch[batch_key(view, i)].astype(F32) if i in layout.states else None
+               for i in range(layout.num_states))
+
+
 def _ids(batch, view, side):
   return (batch[spec.key(view, side, "input_ids")], batch[spec.key(view, side, "attention_mask")])
 
@@ -64,10 +86,16 @@ def _zeros_like_shapes(shapes):
 
 
 def make_forward(student_graphdef, teacher_graphdef, proj_graphdef, method: Method,
-                 kd_cfg: KDConfig, *, vocab_map=None, pair_saving: bool = True
+                 kd_cfg: KDConfig, *, vocab_map=None, pair_saving: bool = True,
+                 teacher_cache: CacheLayout | None = None
                  ) -> Callable[..., tuple[jax.Array, Metrics]]:
   """loss_fn(trainable {"student", "proj"}, teacher_params, batch) -> (loss, metrics): the
-  forwards and the objective of one (micro-)batch, differentiable w.r.t. `trainable`."""
+  forwards and the objective of one (micro-)batch, differentiable w.r.t. `trainable`.
+
+  teacher_cache: the batch carries the teacher's hidden states (data/teacher_cache.py) and the
+  teacher runs no forward; its logits, where the method reads them, come from the cached final
+  state through its LM head (Transformer.logits), its embedding table and head from
+  teacher_params as always."""
   need_s_pair, need_t_pair = pair_views_needed(method, kd_cfg)
   states = hidden_states_needed(method, kd_cfg)
   # kd.vocab_chunk > 0: the losses compute logits chunk by chunk from the final hidden states
@@ -81,7 +109,9 @@ def make_forward(student_graphdef, teacher_graphdef, proj_graphdef, method: Meth
       student = nnx.merge(student_graphdef, params)
       out_s = student(*_ids(batch, "pair", "student"), hidden_states=states,
                       logits="none").hidden_states
-    if need_t_pair:
+    if need_t_pair and teacher_cache is not None:
+      out_t = cached_states(batch, "pair", teacher_cache)
+    elif need_t_pair:
       teacher = nnx.merge(teacher_graphdef, tparams)
       out_t = teacher(*_ids(batch, "pair", "teacher"), hidden_states=states,
                       logits="none").hidden_states
@@ -100,8 +130,13 @@ def make_forward(student_graphdef, teacher_graphdef, proj_graphdef, method: Meth
     if method.needs_teacher:
       tparams = jax.lax.stop_gradient(teacher_params)
       teacher = nnx.merge(teacher_graphdef, tparams)
-      t_main = teacher(*_ids(batch, "main", "teacher"), hidden_states=states,
-                       logits=main_logits)
+      if teacher_cache is not None:
+        cached = cached_states(batch, "main", teacher_cache)
+        t_main = ModelOutput(teacher.logits(cached[-1]) if main_logits == "all" else None,
+                             cached, None)
+      else:
+        t_main = teacher(*_ids(batch, "main", "teacher"), hidden_states=states,
+                         logits=main_logits)
       t_out["main"] = jax.lax.stop_gradient(t_main)
       teacher_embed, teacher_head = teacher.embed[...], teacher.output_matrix()
       teacher_lm = head_spec(teacher.config)
@@ -250,7 +285,8 @@ def make_train_step(student_graphdef, teacher_graphdef, proj_graphdef, method: M
                     mesh: Mesh | None = None, state_shardings=None, batch_shardings=None,
                     teacher_shardings=None, vocab_map=None, accumulate: int = 1,
                     pair_saving: bool = True, donate: bool = True, jit: bool = True,
-                    compiler_options: dict | None = None):
+                    compiler_options: dict | None = None,
+                    teacher_cache: CacheLayout | None = None):
   """train_step(state, teacher_params, batch) -> (state, metrics), jitted, state donated.
 
   With a mesh, in/out shardings are `state_shardings` / `teacher_shardings` / `batch_shardings`
@@ -260,11 +296,13 @@ def make_train_step(student_graphdef, teacher_graphdef, proj_graphdef, method: M
   pairs plus "grad_norm" (global norm of the applied gradient, before clipping) with count 1.
   `jit=False` returns the pure function (for inspection: jax.make_jaxpr). `compiler_options`:
   XLA options for jax.jit (tests pass {"xla_backend_optimization_level": 0} to compile faster).
+  `teacher_cache`: the batches carry the teacher's states (make_forward).
   """
   if accumulate < 1:
     raise ValueError(f"accumulate must be >= 1, got {accumulate}")
   loss_fn = make_forward(student_graphdef, teacher_graphdef, proj_graphdef, method, kd_cfg,
-                         vocab_map=vocab_map, pair_saving=pair_saving)
+                         vocab_map=vocab_map, pair_saving=pair_saving,
+                         teacher_cache=teacher_cache)
 
   def train_step(state: TrainState, teacher_params, batch):
     trainable = state.trainable
