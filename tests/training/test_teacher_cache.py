@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cot2align_jax import cache_teacher
+
 from cot2align_jax.data import teacher_cache as cache_lib
 from cot2align_jax.data.pipeline import Pipeline
 from cot2align_jax.losses.methods import build_projectors
@@ -36,7 +36,7 @@ def _config(method: str, **overrides):
 
 def _build(config, out, **kw):
   kw.setdefault("progress", False)
-  return cache_teacher.build_cache(config, Path(out), **kw)
+  return run_cache.build_cache(config, Path(out), **kw)
 
 
 def _loss_and_grads(config, cached: bool):
