@@ -6,8 +6,8 @@
 
 arg: `<role>[,size=<size>]` (or positional `<role>,<size>`). role = "teacher" (SFT of the
 teacher from scratch on plain + gold CoT records) or a student method of losses.methods (sft,
-uld, dskd_cma, cot2align, ...); size = "full" (default, the README's numbers), "small" or "ci"
-(the reduced demo of the tests). Paths point into `DEMO_ROOT` (runs/demo); the demo command
+uld, dskd_cma, cot2align, ...); size = "full" (default, the README's numbers), "large" (full
+with a wider student, STUDENT_MODELS), "small" or "ci" (the reduced demo of the tests). Paths point into `DEMO_ROOT` (runs/demo); the demo command
 sets them to its --workdir: data.source = <root>/data (data/arith.py writes it), the randomly
 initialised models in <root>/models/{teacher,student}_init, the teacher's export in
 <root>/teacher/export, its rationales in <root>/rationales.jsonl (read by the methods that
@@ -30,10 +30,16 @@ TEACHER_MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                      intermediate_size=384)
 STUDENT_MODEL = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
                      intermediate_size=192)
+# Sizes whose student differs from STUDENT_MODEL (the same for every method of that size).
+# "large": full's data, teacher and budget with a wider student (d 128, 0.44M parameters, half
+# the teacher), big enough to learn the worked steps it is shown (docs/experiments/demo.md).
+STUDENT_MODELS = {"large": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                                intermediate_size=384)}
 SIZES = {
     # train problems, dev problems, test problems, teacher steps, student steps, batch
     "full": dict(train=2000, dev=64, test=200, teacher_steps=600, student_steps=400, batch=32),
     "small": dict(train=1000, dev=32, test=100, teacher_steps=300, student_steps=200, batch=32),
+    "large": dict(train=2000, dev=64, test=200, teacher_steps=600, student_steps=400, batch=32),
     "ci": dict(train=128, dev=16, test=16, teacher_steps=24, student_steps=8, batch=8),
 }
 

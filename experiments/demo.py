@@ -6,9 +6,10 @@
     python -m cot2align_jax.experiment --spec=experiments/demo.py:set=ablations,size=small \
         --workdir=runs/exp_ablations
 
-arg (configs' grammar): set ("main" | "ablations"), size ("full" | "small" | "ci", the sizes of
-configs/demo.py), seeds ("0-1-2-3-4" main, "0-1-2" ablations), epochs (0 = the size's
-default: 6 for full/small ≈ the demo's 400/200 student steps on the plain records, 1 for ci).
+arg (configs' grammar): set ("main" | "ablations"), size ("full" | "large" | "small" | "ci",
+the sizes of configs/demo.py; "large" is full with a wider student), seeds ("0-1-2-3-4" main,
+"0-1-2" ablations), epochs (0 = the size's default: 6 for full/large/small ≈ the demo's
+400/200 student steps on the plain records, 1 for ci).
 
 Prepare (once): `python -m cot2align_jax.demo --workdir=<exp>/prepare --size=S
 --stop_after=rationales` writes the data, the two tokenizers, the random initialisations, the
@@ -33,7 +34,7 @@ from cot2align_jax.training.config import ConfigError, parse_arg
 ARG = {"set": "main", "size": "full", "seeds": "", "epochs": 0}
 MAIN = ("sft", "uld", "mined", "dskd_cma", "dskd_eta", "multilevel_ot", "cot2align",
         "cot2align_plus")
-SIZE_EPOCHS = {"full": 6, "small": 6, "ci": 1}
+SIZE_EPOCHS = {"full": 6, "large": 6, "small": 6, "ci": 1}
 # seconds per training step on 2 CPU cores at size full (from the demo's timings); measured
 # times of finished runs replace them in --dry_run.
 COST = {"sft": 0.05, "uld": 0.08, "mined": 0.1, "dskd_cma": 0.12, "dskd_eta": 0.12,

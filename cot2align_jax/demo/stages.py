@@ -114,7 +114,8 @@ class Demo:
 
   def model_shapes(self) -> tuple[dict, dict]:
     module = load_sibling(str(self.config_file), self.config_file.name)
-    return dict(module.TEACHER_MODEL), dict(module.STUDENT_MODEL)
+    students = getattr(module, "STUDENT_MODELS", {})
+    return dict(module.TEACHER_MODEL), dict(students.get(self.size, module.STUDENT_MODEL))
 
 
 def _stage(name: str, index: int, text: str) -> float:
