@@ -24,8 +24,9 @@ from cot2align_jax.training.config import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "output directory (resumable)")
-flags.DEFINE_enum("size", "full", ["full", "small", "ci"],
-                  "full: the README's run; small: about half; ci: a seconds-long smoke run")
+flags.DEFINE_string("size", "full",
+                    "a size of --config's SIZES: full (the README's run), large (full with a "
+                    "wider student), small (about half), ci (a seconds-long smoke run)")
 flags.DEFINE_string("methods", "sft,uld,dskd_cma,cot2align", "student methods (comma list)")
 flags.DEFINE_integer("seed", 0, "data, initialisation and training seed")
 flags.DEFINE_bool("force", False, "delete the workdir's demo outputs and start over")
