@@ -174,3 +174,16 @@ def test_bad_flags_fail_in_one_line(tmp_path, args, message):
   assert any(message in l for l in err), proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "w" / "demo_results.json").exists()
+
+
+def test_large_size_widens_only_the_student(tmp_path):
+  """size=large: full's data, teacher, steps and batch; a wider student, written as its
+  initialisation's config and read by every student method's config at that size."""
+  full = stages.Demo(tmp_path, "full", ("sft",), 0, stages.DEFAULT_CONFIG)
+  large = stages.Demo(tmp_path, "large", ("sft",), 0, stages.DEFAULT_CONFIG)
+  assert large.sizes() == full.sizes()
+  (t_full, s_full), (t_large, s_large) = full.model_shapes(), large.model_shapes()
+  assert t_large == t_full
+  assert s_full["hidden_size"] == 64 and s_large["hidden_size"] == 128
+  assert large.config("cot2align").train.steps == full.config("cot2align").train.steps
+  assert large.config("cot2align").data.batch_size == full.config("cot2align").data.batch_size

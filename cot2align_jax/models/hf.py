@@ -251,6 +251,28 @@ def load_tokenizer(path: str | os.PathLike):
     if not file.exists():
       raise ModelError(f"checkpoint not found: {file} does not exist")
     return gguf.load_gguf_tokenizer(file)
+  directory = Path(resolve_checkpoint(path))
   # transformers: slow to import, needed only for tokenizers.
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(str(resolve_checkpoint(path)), trust_remote_code=False)
+  from transformers import AutoTokenizer, PreTrainedTokenizerFast
+  if declares_generic_tokenizer(directory):
+    # AutoTokenizer would pick the class of config.json's model_type (e.g. Qwen2Tokenizer),
+    # which rebuilds its own pre-tokenizer over the saved vocabulary and silently changes the
+    # tokenization (a Metaspace BPE then loses every space); the file's own pipeline is exact.
+    return PreTrainedTokenizerFast.from_pretrained(str(directory))
+  return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+
+
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def declares_generic_tokenizer(directory: Path) -> bool:
+  """Whether `directory` holds a tokenizer.json whose tokenizer_config.json names the generic
+  class (a tokenizer trained with `tokenizers` and saved as is, as the demo's are)."""
+  config = directory / "tokenizer_config.json"
+  if not (directory / "tokenizer.json").is_file() or not config.is_file():
+    return False
+  try:
+    declared = json.loads(config.read_text()).get("tokenizer_class")
+  except (OSError, ValueError):
+    return False
+  return declared in GENERIC_TOKENIZER_CLASSES

@@ -12,7 +12,9 @@ from flax import nnx
 import cot2align_jax.models.hf as hf
 from cot2align_jax.models import (ModelError, config_from_hf, create_model, from_pretrained,
                                   params_of, save_pretrained)
+from cot2align_jax.data import toy_tokenizers
 from cot2align_jax.models.safetensors_io import SafetensorsFile, save_file
+from cot2align_jax.models.toy import toy_config
 from tests.models.torch_ref import TINY, padded_batch, torch_forward, torch_model
 
 torch = pytest.importorskip("torch")
@@ -190,3 +192,22 @@ def test_mixed_precision_params_and_compute(tmp_path):
   a, b = np.asarray(full(ids, mask).logits), half(ids, mask).logits
   assert b.dtype == jnp.float32
   assert np.max(np.abs(a - np.asarray(b)) * mask[..., None]) < 0.25 * np.abs(a).max()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_saved_tokenizer_keeps_its_own_pipeline_beside_any_model_type(model_type, tmp_path):
+  """A tokenizer trained with `tokenizers` and saved beside a model's config.json loads with
+  its own pre-tokenizer, whatever the model type: AutoTokenizer alone maps qwen2 to
+  Qwen2Tokenizer, whose byte-level pre-tokenizer dropped every space of a Metaspace BPE."""
+  texts = ["Q: Ann has 7 pens. She buys 5 more.\nA: 7 + 5 = 12.", "Then he gives away 12."] * 20
+  tok = toy_tokenizers.train_metaspace_bpe(texts, 120, name="metaspace")
+  cfg = toy_config(model_type, vocab_size=128, valid_vocab_size=len(tok),
+                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, hidden_size=16,
+                   num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32)
+  save_pretrained(create_model(cfg, 0), tmp_path / "m", tokenizer=tok)
+  assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == model_type
+  loaded = hf.load_tokenizer(tmp_path / "m")
+  text = "Q: Ann has 7 pens. 7 + 5 = 12.\nA: 12"
+  assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+  assert loaded.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+  assert (loaded.eos_token, loaded.pad_token) == (tok.eos_token, tok.pad_token)
