@@ -7,9 +7,10 @@
 arg: `<role>[,size=<size>]` (or positional `<role>,<size>`). role = "teacher" (SFT of the
 teacher from scratch on plain + gold CoT records) or a student method of losses.methods (sft,
 uld, dskd_cma, cot2align, ...); size = "full" (default, the README's numbers), "large" (full
-with a wider student, STUDENT_MODELS), "small" or "ci" (the reduced demo of the tests). Paths point into `DEMO_ROOT` (runs/demo); the demo command
-sets them to its --workdir: data.source = <root>/data (data/arith.py writes it), the randomly
-initialised models in <root>/models/{teacher,student}_init, the teacher's export in
+with a wider student, STUDENT_MODELS; the demo experiment's size), "small" or "ci" (the reduced
+demo of the tests). Paths point into `DEMO_ROOT` (runs/demo); the demo command sets them to
+its --workdir: data.source = <root>/data (data/arith.py writes it), the randomly initialised
+models in <root>/models/{teacher,student}_init, the teacher's export in
 <root>/teacher/export, its rationales in <root>/rationales.jsonl (read by the methods that
 train on CoT records).
 
@@ -31,7 +32,7 @@ TEACHER_MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
 STUDENT_MODEL = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
                      intermediate_size=192)
 # Sizes whose student differs from STUDENT_MODEL (the same for every method of that size).
-# "large": full's data, teacher and budget with a wider student (d 128, 0.44M parameters, half
+# "large": full's data, teacher and budget with a wider student (d 128, 0.42M parameters, half
 # the teacher), big enough to learn the worked steps it is shown (docs/experiments/demo.md).
 STUDENT_MODELS = {"large": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                                 intermediate_size=384)}

@@ -102,6 +102,9 @@ def get_spec(arg=None):
                    "arithmetic word problems; exact match of the final number, greedy."),
       runs=runs,
       baseline="dskd_cma",
+      # the claim: each CoT2Align variant against the best other student, chosen on dev
+      candidates=("cot2align", "cot2align_plus") if a.set == "main" else (),
+      select_on="arith/dev", claim_on="arith/test",
       seeds=[int(s) for s in seeds.replace(",", "-").split("-") if s],
       budgets=("epochs", "compute"),
       epochs=int(a.epochs) or SIZE_EPOCHS[a.size],

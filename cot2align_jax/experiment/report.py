@@ -55,6 +55,8 @@ def aggregate(spec: ExperimentSpec, units: Sequence[Unit],
       "same_as": {k: r["same_as"] for k, r in by_key.items() if r.get("same_as")},
       "seconds": _seconds(by_key, units),
       "missing": [u.key for u in units if u.key not in by_key],
+      "claims": [c for b in budgets for c in _claims(spec, by_key, b, runs, seeds, columns)],
+      "select_on": spec.select_on, "claim_on": spec.claim_on,
   }
 
 
@@ -85,24 +87,89 @@ def _row(spec, by_key, budget, run, column, seeds) -> dict[str, Any]:
       "sequences": [mine[s]["sequences"] for s in mine],
       "metric": next((r["scores"][column]["metric"] for r in mine.values()), None),
       "vs_baseline": None}
-  if run == spec.baseline:
-    return row
-  base = {s: by_key.get(f"{spec.baseline}/{budget}/seed{s}") for s in mine}
-  paired = [s for s, r in base.items() if r is not None and column in r["scores"]]
+  if run != spec.baseline:
+    row["vs_baseline"] = _compare(by_key, budget, seeds, (run, column), (spec.baseline, column))
+  return row
+
+
+def _scores(by_key, budget, run, column, seeds) -> dict[int, Mapping[str, Any]]:
+  """{seed: the column's scores} of the run's done units that have the column."""
+  out = {}
+  for s in seeds:
+    r = by_key.get(f"{run}/{budget}/seed{s}")
+    if r is not None and column in r["scores"]:
+      out[s] = r["scores"][column]
+  return out
+
+
+def _compare(by_key, budget, seeds, a: tuple[str, str], b: tuple[str, str]) -> dict | None:
+  """(run, column) a − (run, column) b, paired over the seeds both have: the t-interval of
+  the per-seed differences and, where both scored the same items, the paired bootstrap over
+  seeds × items. None when no seed is shared."""
+  mine, base = _scores(by_key, budget, *a, seeds), _scores(by_key, budget, *b, seeds)
+  paired = [s for s in mine if s in base]
   if not paired:
-    return row
-  a = [mine[s]["scores"][column]["score"] for s in paired]
-  b = [base[s]["scores"][column]["score"] for s in paired]
-  cmp: dict[str, Any] = {"seeds": paired, "diff": stats.paired_difference(a, b).to_json(),
-                         "bootstrap": None}
-  items_a = [mine[s]["scores"][column]["items"] for s in paired]
-  items_b = [base[s]["scores"][column]["items"] for s in paired]
-  same_items = all(mine[s]["scores"][column].get("ids") == base[s]["scores"][column].get("ids")
-                   for s in paired)
+    return None
+  cmp: dict[str, Any] = {
+      "seeds": paired, "bootstrap": None,
+      "diff": stats.paired_difference([mine[s]["score"] for s in paired],
+                                      [base[s]["score"] for s in paired]).to_json()}
+  items_a = [mine[s]["items"] for s in paired]
+  items_b = [base[s]["items"] for s in paired]
+  same_items = all(mine[s].get("ids") == base[s].get("ids") for s in paired)
   if same_items and len({len(x) for x in items_a + items_b}) == 1:
     cmp["bootstrap"] = stats.paired_bootstrap(np.asarray(items_a), np.asarray(items_b)).to_json()
-  row["vs_baseline"] = cmp
-  return row
+  return cmp
+
+
+def _mean(by_key, budget, run, column, seeds) -> float | None:
+  values = [v["score"] for v in _scores(by_key, budget, run, column, seeds).values()]
+  return float(np.mean(values)) if values else None
+
+
+def _best(by_key, budget, pairs, seeds) -> tuple[tuple[str, str], float] | None:
+  """The (run, column) of `pairs` with the highest mean over seeds (first on ties)."""
+  scored = [(p, _mean(by_key, budget, *p, seeds)) for p in pairs]
+  scored = [(p, m) for p, m in scored if m is not None]
+  return max(scored, key=lambda pm: pm[1]) if scored else None
+
+
+def _claims(spec, by_key, budget, runs, seeds, columns) -> list[dict[str, Any]]:
+  """Each candidate against the best baseline, everything chosen on spec.select_on (dev) and
+  reported on spec.claim_on (test), for one budget. Protocols: "prompt <p>" (every run on
+  prompt p; the best baseline is the best on dev at p) and "dev-chosen prompt" (every run at
+  its own best prompt on dev; the best baseline is the best such run)."""
+  if not spec.candidates:
+    return []
+  prompts = [c.rsplit(":", 1)[1] for c in columns if c.rsplit(":", 1)[0] == spec.select_on]
+  prompts = [p for p in prompts if f"{spec.claim_on}:{p}" in columns]
+  dev = lambda p: f"{spec.select_on}:{p}"      # noqa: E731
+  baselines = [r for r in runs if r not in spec.candidates]
+  protocols = {f"prompt {p}": {r: [p] for r in runs} for p in prompts}
+  if len(prompts) > 1:
+    protocols["dev-chosen prompt"] = {r: prompts for r in runs}
+  out = []
+  for name, allowed in protocols.items():
+    choice = {r: _best(by_key, budget, [(r, dev(p)) for p in allowed[r]], seeds) for r in runs}
+    best = _best(by_key, budget, [choice[r][0] for r in baselines if choice[r]], seeds)
+    if best is None:
+      continue
+    (base_run, base_dev), base_dev_mean = best
+    base_test = (base_run, f"{spec.claim_on}:{base_dev.rsplit(':', 1)[1]}")
+    rows = []
+    for cand in spec.candidates:
+      if choice[cand] is None:
+        continue
+      (_, cand_dev), cand_dev_mean = choice[cand]
+      cand_test = (cand, f"{spec.claim_on}:{cand_dev.rsplit(':', 1)[1]}")
+      rows.append({"run": cand, "column": cand_test[1], "dev_mean": cand_dev_mean,
+                   "test_mean": _mean(by_key, budget, *cand_test, seeds),
+                   "vs_best_baseline": _compare(by_key, budget, seeds, cand_test, base_test)})
+    out.append({"budget": budget, "protocol": name,
+                "baseline": {"run": base_run, "column": base_test[1], "dev_mean": base_dev_mean,
+                             "test_mean": _mean(by_key, budget, *base_test, seeds)},
+                "candidates": rows})
+  return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,6 +224,28 @@ def markdown(payload: Mapping[str, Any]) -> str:
       lines.append(f"| {row['label']} | {row['column']} | {steps} | {per} | "
                    f"{_f(s['mean'])} ± {_f(s['std'])} | {_ci(s['ci_low'], s['ci_high'])} | "
                    f"{delta[0]} | {delta[1]} | {delta[2]} |")
+    lines.append("")
+  if payload.get("claims"):
+    lines += [f"## Against the best baseline (chosen on `{payload['select_on']}`)", "",
+              f"Everything chosen on `{payload['select_on']}` (the best baseline: the other run "
+              f"with the highest mean there; under \"dev-chosen prompt\" also each run's "
+              f"prompt); Δ = candidate − best baseline on `{payload['claim_on']}`, paired over "
+              f"seeds ({pct}% t-interval) and over seeds × items (bootstrap).", "",
+              "| budget | protocol | best baseline (dev → test) | candidate (dev → test) | Δ | "
+              f"Δ {pct}% CI (t) | Δ {pct}% CI (bootstrap) |", "|---|---|---|---|---|---|---|"]
+    for claim in payload["claims"]:
+      b = claim["baseline"]
+      base = (f"{b['run']} `{b['column'].rsplit(':', 1)[1]}` "
+              f"({_f(b['dev_mean'])} → {_f(b['test_mean'])})")
+      for c in claim["candidates"]:
+        cmp = c["vs_best_baseline"]
+        d = cmp["diff"] if cmp else None
+        boot = cmp["bootstrap"] if cmp else None
+        lines.append(
+            f"| {claim['budget']} | {claim['protocol']} | {base} | {c['run']} "
+            f"`{c['column'].rsplit(':', 1)[1]}` ({_f(c['dev_mean'])} → {_f(c['test_mean'])}) | "
+            f"{_f(d['mean']) if d else '–'} | {_ci(d['ci_low'], d['ci_high']) if d else '–'} | "
+            f"{_ci(boot['ci_low'], boot['ci_high']) if boot else '–'} |")
     lines.append("")
   if payload.get("seconds"):
     lines += ["## Wall time per unit", "",

@@ -98,6 +98,12 @@ class ExperimentSpec:
   eval_cost: float = 30.0                   # s per evaluation when nothing is measured
   description: str = ""
   source: str = ""                          # the spec file (set by load_spec)
+  # The claim (report.py "Against the best baseline"): each candidate against the best of the
+  # other runs, the baseline and the prompts chosen on `select_on` ("dataset/split", dev),
+  # the differences reported on `claim_on` (test). Empty `candidates`: no such section.
+  candidates: tuple[str, ...] = ()
+  select_on: str = ""
+  claim_on: str = ""
 
 
 def _build(cls, values: Any, where: str):
@@ -158,7 +164,8 @@ def from_value(value: Any, source: str = "") -> ExperimentSpec:
       spec, runs=runs, evaluation=evaluation, prepare=prepare, source=source or spec.source,
       seeds=tuple(int(s) for s in _tuple(spec.seeds, "spec.seeds")),
       budgets=_tuple(spec.budgets, "spec.budgets"),
-      seed_keys=_tuple(spec.seed_keys, "spec.seed_keys"))
+      seed_keys=_tuple(spec.seed_keys, "spec.seed_keys"),
+      candidates=_tuple(spec.candidates, "spec.candidates"))
   check(spec)
   return spec
 
@@ -175,6 +182,17 @@ def check(spec: ExperimentSpec) -> None:
   if bad or not spec.budgets:
     raise SpecError(f"spec.budgets: unknown budget {bad[0] if bad else ''!r}; known: "
                     f"{', '.join(BUDGETS)}")
+  unknown = [c for c in spec.candidates if c not in spec.runs]
+  if unknown:
+    raise SpecError(f"spec.candidates: {unknown[0]!r} is not a run; runs: {', '.join(spec.runs)}")
+  if spec.candidates:
+    if len(spec.candidates) == len(spec.runs):
+      raise SpecError("spec.candidates names every run: no baseline is left to compare with")
+    for key in ("select_on", "claim_on"):
+      value = getattr(spec, key)
+      if not value or (spec.evaluation.datasets and value not in spec.evaluation.datasets):
+        raise SpecError(f"spec.{key} must be one of spec.evaluation.datasets "
+                        f"({', '.join(spec.evaluation.datasets) or 'none'}), got {value!r}")
   if "epochs" in spec.budgets and spec.epochs < 1:
     raise SpecError("spec.budgets has 'epochs' but spec.epochs < 1")
   if "compute" in spec.budgets and spec.sequences < 1 and spec.epochs < 1:

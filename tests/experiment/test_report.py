@@ -67,3 +67,62 @@ def test_bootstrap_skipped_when_items_differ():
   row = [r for r in report.aggregate(_spec(), units, results)["rows"] if r["run"] == "new"][0]
   assert row["vs_baseline"]["diff"]["n"] == 2
   assert row["vs_baseline"]["bootstrap"] is None
+
+
+def _result_cols(run, seed, cols):
+  return {"unit": f"{run}/epochs/seed{seed}", "run": run, "budget": "epochs", "seed": seed,
+          "steps": 5, "sequences": 10,
+          "scores": {c: {"metric": "exact_match", "n": len(v), "items": list(v),
+                         "ids": [f"i{k}" for k in range(len(v))], "score": float(np.mean(v))}
+                     for c, v in cols.items()}}
+
+
+def test_claims_choose_baseline_and_prompt_on_dev_and_report_on_test():
+  """The best baseline and each run's prompt are chosen on dev; Δ on test equals an
+  independent paired t-interval (scipy) over the seeds."""
+  scipy_stats = pytest.importorskip("scipy.stats")
+  spec = from_value(dict(
+      name="syn", runs={"a": "c.py", "b": "c.py", "new": "c.py"}, baseline="a", seeds=[0, 1, 2],
+      budgets=["epochs"], epochs=1, candidates=["new"], select_on="t/dev", claim_on="t/test",
+      evaluation=dict(datasets=["t/dev", "t/test"], prompts=["plain", "cot"])))
+  rng = np.random.default_rng(1)
+  # dev means: a plain 30, b plain 50 (the best baseline), new plain 40 / cot 70 (its prompt)
+  p_dev = {("a", "plain"): .3, ("a", "cot"): .1, ("b", "plain"): .5, ("b", "cot"): .2,
+           ("new", "plain"): .4, ("new", "cot"): .7}
+  results, test = [], {}
+  for run in ("a", "b", "new"):
+    for seed in (0, 1, 2):
+      cols = {}
+      for prompt in ("plain", "cot"):
+        cols[f"t/dev:{prompt}"] = np.where(np.arange(40) < 40 * p_dev[run, prompt], 100.0, 0.0)
+        test[run, prompt, seed] = (rng.random(30) < p_dev[run, prompt]) * 100.0
+        cols[f"t/test:{prompt}"] = test[run, prompt, seed]
+      results.append(_result_cols(run, seed, cols))
+  units = [_unit(r, s) for s in (0, 1, 2) for r in ("a", "b", "new")]
+  claims = {c["protocol"]: c for c in report.aggregate(spec, units, results)["claims"]}
+  assert set(claims) == {"prompt plain", "prompt cot", "dev-chosen prompt"}
+  chosen = claims["dev-chosen prompt"]
+  assert chosen["baseline"]["run"] == "b" and chosen["baseline"]["column"] == "t/test:plain"
+  row = chosen["candidates"][0]
+  assert row["column"] == "t/test:cot" and row["dev_mean"] == pytest.approx(70.0)
+  d = [test["new", "cot", s].mean() - test["b", "plain", s].mean() for s in (0, 1, 2)]
+  sem = scipy_stats.sem(d)
+  low, high = scipy_stats.t.interval(0.95, len(d) - 1, loc=np.mean(d), scale=sem)
+  got = row["vs_best_baseline"]["diff"]
+  assert (got["mean"], got["ci_low"], got["ci_high"]) == pytest.approx((np.mean(d), low, high))
+  plain = claims["prompt plain"]
+  assert plain["baseline"]["run"] == "b" and plain["candidates"][0]["column"] == "t/test:plain"
+  assert claims["prompt cot"]["baseline"]["column"] == "t/test:cot"
+  md = report.markdown(report.aggregate(spec, units, results))
+  assert "Against the best baseline" in md and "dev-chosen prompt" in md
+
+
+@pytest.mark.parametrize("extra,match", [
+    (dict(candidates=["nope"]), "not a run"),
+    (dict(candidates=["base", "new"]), "no baseline is left"),
+    (dict(candidates=["new"], select_on="t/dev"), "claim_on"),
+])
+def test_bad_claim_settings_raise(extra, match):
+  with pytest.raises(Exception, match=match):
+    from_value(dict(name="syn", runs={"base": "c.py", "new": "c.py"}, baseline="base",
+                    seeds=[0], budgets=["epochs"], epochs=1, **extra))
