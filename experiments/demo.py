@@ -21,8 +21,9 @@ of the final number, on the plain prompt (the paper's protocol) and the CoT prom
 student reason step by step?). Choose variants on `arith/dev`; `arith/test` is for the claim.
 
 Main runs: sft, uld, mined, dskd_cma, dskd_eta, multilevel_ot, cot2align and cot2align_plus
-over dskd_cma (the baseline of the paired differences is dskd_cma, their base). Ablations
-(cot2align over dskd_cma, one change each): CoT records without OT (dskd_cma on plain + CoT
+over dskd_cma (the baseline of the paired differences is dskd_cma, their base; the claim
+compares each variant with the best other student, chosen on dev). Ablations (cot2align over
+dskd_cma, one change each; the baseline of their differences is cot2align): CoT records without OT (dskd_cma on plain + CoT
 records), OT without CoT records, each OT term alone, each layer alone, ε ∈ {10, 1, 0.1}, cosine
 cost, unrolled gradient; cot2align_plus, and it with one of its OT changes undone each (attention
 cost, absolute ε, not debiased, balanced cross terms, fixed layer weights) or a middle layer added.
@@ -101,7 +102,9 @@ def get_spec(arg=None):
                    "Qwen2-like student with another tokenizer (Metaspace BPE) on multi-step "
                    "arithmetic word problems; exact match of the final number, greedy."),
       runs=runs,
-      baseline="dskd_cma",
+      # main: dskd_cma, the base KD of both CoT2Align variants; ablations: cot2align, each
+      # ablation being it with one thing changed
+      baseline="dskd_cma" if a.set == "main" else "cot2align",
       # the claim: each CoT2Align variant against the best other student, chosen on dev
       candidates=("cot2align", "cot2align_plus") if a.set == "main" else (),
       select_on="arith/dev", claim_on="arith/test",

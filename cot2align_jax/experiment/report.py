@@ -157,7 +157,7 @@ def _claims(spec, by_key, budget, runs, seeds, columns) -> list[dict[str, Any]]:
     (base_run, base_dev), base_dev_mean = best
     base_test = (base_run, f"{spec.claim_on}:{base_dev.rsplit(':', 1)[1]}")
     rows = []
-    for cand in spec.candidates:
+    for cand in [c for c in spec.candidates if c in runs]:   # --only may leave some out
       if choice[cand] is None:
         continue
       (_, cand_dev), cand_dev_mean = choice[cand]

@@ -115,6 +115,10 @@ def test_claims_choose_baseline_and_prompt_on_dev_and_report_on_test():
   assert claims["prompt cot"]["baseline"]["column"] == "t/test:cot"
   md = report.markdown(report.aggregate(spec, units, results))
   assert "Against the best baseline" in md and "dev-chosen prompt" in md
+  # --only without the candidate: the best baseline is still chosen, with nothing to compare
+  only = [u for u in units if u.run != "new"]
+  claims = report.aggregate(spec, only, results)["claims"]
+  assert claims and all(c["baseline"]["run"] == "b" and not c["candidates"] for c in claims)
 
 
 @pytest.mark.parametrize("extra,match", [
