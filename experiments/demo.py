@@ -1,6 +1,7 @@
 """The demo experiment: every method on the embedded demo's task, multi-seed, both budgets.
 
-    python -m cot2align_jax.experiment --spec=experiments/demo.py --workdir=runs/exp_demo
+    python -m cot2align_jax.experiment --spec=experiments/demo.py:size=large \
+        --workdir=runs/exp_large                       # docs/experiments/demo.md's run
     python -m cot2align_jax.experiment --spec=experiments/demo.py:size=ci,seeds=0-1 \
         --workdir=/tmp/exp_ci                                     # minutes, the CI check
     python -m cot2align_jax.experiment --spec=experiments/demo.py:set=ablations,size=small \
@@ -23,10 +24,11 @@ student reason step by step?). Choose variants on `arith/dev`; `arith/test` is f
 Main runs: sft, uld, mined, dskd_cma, dskd_eta, multilevel_ot, cot2align and cot2align_plus
 over dskd_cma (the baseline of the paired differences is dskd_cma, their base; the claim
 compares each variant with the best other student, chosen on dev). Ablations (cot2align over
-dskd_cma, one change each; the baseline of their differences is cot2align): CoT records without OT (dskd_cma on plain + CoT
-records), OT without CoT records, each OT term alone, each layer alone, ε ∈ {10, 1, 0.1}, cosine
-cost, unrolled gradient; cot2align_plus, and it with one of its OT changes undone each (attention
-cost, absolute ε, not debiased, balanced cross terms, fixed layer weights) or a middle layer added.
+dskd_cma, one change each; the baseline of their differences is cot2align): CoT records
+without OT (dskd_cma on plain + CoT records), OT without CoT records, each OT term alone, each
+layer alone, ε ∈ {10, 1, 0.1}, cosine cost, unrolled gradient; cot2align_plus, and it with one
+of its OT changes undone each (attention cost, absolute ε, not debiased, balanced cross terms,
+fixed layer weights) or a middle layer added.
 """
 
 from cot2align_jax.losses.methods import get_method
